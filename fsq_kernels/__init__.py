@@ -1,0 +1,17 @@
+"""fsq-kernels: fast, exact Finite Scalar Quantization (Mentzer et al., 2023) for PyTorch."""
+
+__version__ = "0.1.0"
+
+from . import reference
+from .nn import FSQ
+from .ops import available_backends, codes_to_indices, indices_to_codes, quantize
+
+__all__ = [
+    "FSQ",
+    "__version__",
+    "available_backends",
+    "codes_to_indices",
+    "indices_to_codes",
+    "quantize",
+    "reference",
+]

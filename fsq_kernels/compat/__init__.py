@@ -1,0 +1,1 @@
+"""Drop-in look-alikes of other FSQ libraries: change one import line, keep your checkpoints."""

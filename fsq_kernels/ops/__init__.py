@@ -1,0 +1,274 @@
+"""The op layer: the public functional API, input validation and backend choice.
+
+Every public call is validated here (kernels assume valid input), then handed to one backend
+module (docs/BACKENDS.md): the reference, the C++/CUDA extension (`native`) or Triton. Each fused
+backend's module owns its torch.library registration, fake implementations and autograd.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import numbers
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import reference
+
+BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# float64 runs where its math can be float64: the reference and the CPU kernels.
+_FLOAT64_BACKENDS = ("reference", "cpp")
+
+__all__ = ["available_backends", "codes_to_indices", "indices_to_codes", "quantize", "validate_levels"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+
+_MODULE_OF_BACKEND = {"cpp": "native", "cuda": "native", "triton": "triton"}
+_DEVICE_OF_BACKEND = {"cpp": "cpu", "cuda": "cuda"}
+
+
+@functools.cache
+def _backend_module(name: str):
+    """The op-layer module of a fused backend, or None when it cannot be imported here."""
+    try:
+        return importlib.import_module(f"{__name__}.{_MODULE_OF_BACKEND[name]}")
+    except ImportError:
+        return None
+
+
+def _triton_devices() -> tuple[str, ...]:
+    # Under TRITON_INTERPRET=1 Triton kernels run on CPU tensors.
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def _backend_runs_on(name: str, device_type: str) -> bool:
+    if name == "reference":
+        return True
+    module = _backend_module(name)
+    if module is None:
+        return False
+    if name == "triton":
+        return device_type in _triton_devices() and module.is_available(device_type)
+    return device_type == _DEVICE_OF_BACKEND[name] and module.is_available(device_type)
+
+
+def available_backends() -> list[str]:
+    """`reference` always; `cpp` when the extension is built; `cuda` when it is built with CUDA
+    and a GPU is visible; `triton` when a GPU is visible or TRITON_INTERPRET=1 is set."""
+    names = ["reference"]
+    if _backend_runs_on("cpp", "cpu"):
+        names.append("cpp")
+    if torch.cuda.is_available() and _backend_runs_on("cuda", "cuda"):
+        names.append("cuda")
+    if _backend_runs_on("triton", "cuda" if torch.cuda.is_available() else "cpu"):
+        names.append("triton")
+    return names
+
+
+def _resolve_backend(backend: str, tensor: Tensor, caller: str) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{caller}: backend must be one of {list(BACKENDS)}; got {backend!r}")
+    device_type = tensor.device.type
+    if backend == "auto":
+        if device_type == "cuda":
+            candidates = ("cuda", "triton") if tensor.dtype != torch.float64 else ()
+        elif device_type == "cpu":
+            candidates = ("cpp",)
+        else:  # mps, xpu, ...
+            candidates = ()
+        return next((name for name in candidates if _backend_runs_on(name, device_type)), "reference")
+    if not _backend_runs_on(backend, device_type):
+        raise ValueError(
+            f"{caller}: backend {backend!r} is not available for a tensor on device {str(tensor.device)!r}; "
+            f"available backends: {available_backends()}"
+        )
+    if tensor.is_floating_point() and tensor.dtype == torch.float64 and backend not in _FLOAT64_BACKENDS:
+        raise TypeError(
+            f"{caller}: backend {backend!r} supports float16, bfloat16 and float32 inputs; got torch.float64 "
+            f"(use backend='reference' or 'cpp' for float64)"
+        )
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (the public boundary)
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_levels(levels, caller: str = "levels") -> tuple[int, ...]:
+    """levels as a tuple of Python ints, each >= 2; ValueError naming what is wrong otherwise."""
+    if isinstance(levels, Tensor):
+        levels = levels.tolist()
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
+        raise ValueError(f"{caller}: levels must be a non-empty sequence of ints >= 2; got {levels!r}")
+    if len(levels) == 0:
+        raise ValueError(f"{caller}: levels must be a non-empty sequence of ints >= 2; got an empty {type(levels).__name__}")
+    out = []
+    for i, level in enumerate(levels):
+        if isinstance(level, bool) or not isinstance(level, numbers.Integral):
+            raise ValueError(f"{caller}: levels[{i}] must be an int >= 2; got {level!r} ({type(level).__name__})")
+        if level < 2:
+            raise ValueError(f"{caller}: levels[{i}] must be >= 2; got {int(level)}")
+        out.append(int(level))
+    return tuple(out)
+
+
+def _validate_variant(variant, hard_clamp, caller: str) -> None:
+    if variant not in reference.VARIANTS:
+        raise ValueError(f"{caller}: variant must be one of {list(reference.VARIANTS)}; got {variant!r}")
+    if hard_clamp and variant == "paper":
+        raise ValueError(
+            f"{caller}: hard_clamp=True applies to the 'atanh' and 'symmetric' variants; got variant='paper'"
+        )
+
+
+def _validate_num_codebooks(num_codebooks, caller: str) -> int:
+    if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, numbers.Integral) or num_codebooks < 1:
+        raise ValueError(f"{caller}: num_codebooks must be an int >= 1; got {num_codebooks!r}")
+    return int(num_codebooks)
+
+
+def _validate_float_tensor(x, name: str, caller: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{caller}: {name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{caller}: {name} must be float16, bfloat16, float32 or float64; got {x.dtype}"
+        )
+
+
+def _validate_channels(x: Tensor, name: str, levels, num_codebooks: int, channel_first: bool, caller: str) -> None:
+    min_dims = 2 if channel_first else 1
+    if x.dim() < min_dims:
+        layout = "(B, C, ...) for channel_first=True" if channel_first else "(..., C)"
+        raise ValueError(f"{caller}: {name} must have shape {layout}; got shape {tuple(x.shape)}")
+    axis = 1 if channel_first else -1
+    expected = len(levels) * num_codebooks
+    if x.shape[axis] != expected:
+        raise ValueError(
+            f"{caller}: {name} must have {expected} channels (len(levels)={len(levels)} x "
+            f"num_codebooks={num_codebooks}) on dim {axis}; got {x.shape[axis]} (shape {tuple(x.shape)})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize(
+    z: Tensor,
+    levels: Sequence[int],
+    *,
+    variant: str = "paper",
+    hard_clamp: bool = False,
+    channel_first: bool = False,
+    num_codebooks: int = 1,
+    return_indices: bool = True,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """Quantize z to the FSQ grid: (codes in z's dtype, indices) — (codes, None) without indices.
+
+    z is channel-last (..., C) or, with channel_first=True, (B, C, ...), C = len(levels) *
+    num_codebooks. Indices have z's shape without the channel axis (plus a trailing axis of size
+    num_codebooks when > 1), int32 up to 2^31-1 codes and int64 beyond; -1 marks a codebook with a
+    NaN channel. Gradients are straight-through across the round; the bound keeps its derivative.
+    """
+    caller = "fsq_kernels.quantize"
+    levels = validate_levels(levels, caller)
+    _validate_variant(variant, hard_clamp, caller)
+    num_codebooks = _validate_num_codebooks(num_codebooks, caller)
+    _validate_float_tensor(z, "z", caller)
+    _validate_channels(z, "z", levels, num_codebooks, channel_first, caller)
+    name = _resolve_backend(backend, z, caller)
+    args = (levels, variant, bool(hard_clamp), bool(channel_first), num_codebooks, bool(return_indices))
+    if name == "reference":
+        return reference.quantize(
+            z, levels, variant=variant, hard_clamp=bool(hard_clamp), channel_first=bool(channel_first),
+            num_codebooks=num_codebooks, return_indices=bool(return_indices),
+        )
+    return _backend_module(name).quantize(z, *args)
+
+
+def _check_index_range(indices: Tensor, levels, caller: str) -> None:
+    # A device-side check would need a host sync; CUDA indices are not checked (documented).
+    if indices.device.type != "cpu" or indices.numel() == 0:
+        return
+    size = reference.codebook_size(levels)
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{caller}: indices must lie in [0, {size}) for levels {list(levels)}; got {bad}"
+        )
+
+
+def indices_to_codes(
+    indices: Tensor,
+    levels: Sequence[int],
+    *,
+    variant: str = "paper",
+    channel_first: bool = False,
+    num_codebooks: int = 1,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> Tensor:
+    """Decode indices to codes without a materialized codebook.
+
+    Output is channel-last (..., C), or (B, C, ...) with channel_first=True. Indices outside
+    [0, prod(levels)) raise ValueError for CPU tensors; on CUDA the check would need a host sync,
+    so out-of-range CUDA indices decode to unspecified codes.
+    """
+    caller = "fsq_kernels.indices_to_codes"
+    levels = validate_levels(levels, caller)
+    _validate_variant(variant, False, caller)
+    num_codebooks = _validate_num_codebooks(num_codebooks, caller)
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"{caller}: indices must be a torch.Tensor; got {type(indices).__name__}")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"{caller}: indices must be an integer tensor; got {indices.dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{caller}: dtype must be float16, bfloat16, float32 or float64; got {dtype}")
+    if num_codebooks > 1 and (indices.dim() == 0 or indices.shape[-1] != num_codebooks):
+        raise ValueError(
+            f"{caller}: indices must have a trailing axis of size num_codebooks={num_codebooks}; "
+            f"got shape {tuple(indices.shape)}"
+        )
+    min_dims = 1 + (num_codebooks > 1) if channel_first else 0
+    if indices.dim() < min_dims:
+        raise ValueError(f"{caller}: channel_first=True needs a batch axis; got indices of shape {tuple(indices.shape)}")
+    _check_index_range(indices, levels, caller)
+    name = _resolve_backend(backend, indices, caller)
+    if name == "reference":
+        return reference.indices_to_codes(
+            indices, levels, variant=variant, channel_first=bool(channel_first), num_codebooks=num_codebooks, dtype=dtype
+        )
+    return _backend_module(name).indices_to_codes(indices, levels, variant, bool(channel_first), num_codebooks, dtype)
+
+
+def codes_to_indices(
+    codes: Tensor,
+    levels: Sequence[int],
+    *,
+    variant: str = "paper",
+    channel_first: bool = False,
+    num_codebooks: int = 1,
+) -> Tensor:
+    """Snap codes to the nearest grid point and return their indices (exact inverse of decode for
+    float32/float64 codes; bfloat16 codes are exact while every L <= 256)."""
+    caller = "fsq_kernels.codes_to_indices"
+    levels = validate_levels(levels, caller)
+    _validate_variant(variant, False, caller)
+    num_codebooks = _validate_num_codebooks(num_codebooks, caller)
+    _validate_float_tensor(codes, "codes", caller)
+    _validate_channels(codes, "codes", levels, num_codebooks, channel_first, caller)
+    return reference.codes_to_indices(
+        codes, levels, variant=variant, channel_first=bool(channel_first), num_codebooks=num_codebooks
+    )

@@ -1,0 +1,279 @@
+"""Pure-PyTorch FSQ: the oracle every backend is validated against.
+
+This module is the executable form of the math contract (DESIGN.md section 1). It favours
+clarity over speed; inputs are assumed valid (the op layer validates the public boundary).
+Math runs in float64 for float64 inputs and in float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+EPS = 1e-3
+VARIANTS = ("paper", "atanh", "symmetric")
+INT32_MAX_CODES = 2**31 - 1
+MAX_MATERIALIZED_CODEBOOK = 2**24
+
+__all__ = [
+    "EPS",
+    "VARIANTS",
+    "basis",
+    "bound",
+    "channel_constants",
+    "codebook_size",
+    "codes_to_indices",
+    "distance_to_rounding_boundary",
+    "implicit_codebook",
+    "index_dtype",
+    "indices_to_codes",
+    "indices_to_level_indices",
+    "level_boundaries",
+    "quantize",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Level-set constants (plain Python floats, computed in float64)
+# ---------------------------------------------------------------------------------------------
+
+
+def codebook_size(levels: Sequence[int]) -> int:
+    return math.prod(levels)
+
+
+def index_dtype(levels: Sequence[int]) -> torch.dtype:
+    """int32 while every index fits, int64 beyond 2^31 - 1 codes."""
+    return torch.int32 if codebook_size(levels) <= INT32_MAX_CODES else torch.int64
+
+
+def basis(levels: Sequence[int]) -> list[int]:
+    """Mixed-radix place values: cumprod([1, L_0, ..., L_{d-2}])."""
+    out = [1]
+    for level in levels[:-1]:
+        out.append(out[-1] * level)
+    return out
+
+
+def channel_constants(levels: Sequence[int], variant: str = "paper", hard_clamp: bool = False) -> dict:
+    """Per-channel constants of the bound: half_l, offset, shift (float64) and half_width (int).
+
+    For `symmetric` only half_width is meaningful; half_l/offset/shift are reported as
+    (L-1)/2, 0, 0 so that b = tanh(z) * half_l + half_l + 1/2 there.
+    """
+    half_l, offset, shift = [], [], []
+    for level in levels:
+        if variant == "symmetric":
+            h, o, s = (level - 1) / 2, 0.0, 0.0
+        else:
+            o = 0.5 if level % 2 == 0 else 0.0
+            if variant == "paper":
+                h = (level - 1) * (1 - EPS) / 2
+                s = math.tan(o / h)  # tan, not atanh: the official code's quirk, kept for parity
+            else:
+                h = (level - 1) * (1 + EPS) / 2
+                s = o / h if hard_clamp else math.atanh(o / h)
+        half_l.append(h)
+        offset.append(o)
+        shift.append(s)
+    return {
+        "half_l": half_l,
+        "offset": offset,
+        "shift": shift,
+        "half_width": [level // 2 for level in levels],
+    }
+
+
+def _atanh_or_inf(x: float) -> float:
+    if x <= -1.0:
+        return -math.inf
+    if x >= 1.0:
+        return math.inf
+    return math.atanh(x)
+
+
+def level_boundaries(levels: Sequence[int], variant: str = "paper", hard_clamp: bool = False) -> list[list[float]]:
+    """For each channel, the L-1 values of z where the level index steps up (float64, ascending).
+
+    paper/atanh: k = #{q : z > t_q}; symmetric: k = #{j : z >= t_j} (its ties round up).
+    A boundary the bound cannot reach is -inf or +inf (`paper` with L >= 1002).
+    """
+    consts = channel_constants(levels, variant, hard_clamp)
+    out = []
+    for i, level in enumerate(levels):
+        if variant == "symmetric":
+            targets = [(2 * j + 1) / (level - 1) - 1 for j in range(level - 1)]
+            out.append(targets if hard_clamp else [_atanh_or_inf(t) for t in targets])
+            continue
+        h, o, s, hw = consts["half_l"][i], consts["offset"][i], consts["shift"][i], consts["half_width"][i]
+        row = []
+        for q in range(-hw, level - 1 - hw):
+            target = (q + 0.5 + o) / h
+            row.append((target - s) if hard_clamp else _atanh_or_inf(target) - s)
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor math
+# ---------------------------------------------------------------------------------------------
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_channel(values: Sequence[float], like: Tensor) -> Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+def bound(z: Tensor, levels: Sequence[int], variant: str = "paper", hard_clamp: bool = False) -> Tensor:
+    """The value that gets rounded, channel-last (..., d), in z's dtype (differentiable).
+
+    paper/atanh: b = tanh(z + shift) * half_l - offset, rounded half-to-even.
+    symmetric:   b = (L-1)(tanh(z) + 1)/2 + 1/2, floored.
+    With hard_clamp, tanh is replaced by clamp(., -1, 1).
+    """
+    squash = (lambda x: x.clamp(-1.0, 1.0)) if hard_clamp else torch.tanh
+    consts = channel_constants(levels, variant, hard_clamp)
+    if variant == "symmetric":
+        levels_minus_1 = _per_channel([level - 1 for level in levels], z)
+        return levels_minus_1 * (squash(z) + 1) / 2 + 0.5
+    half_l = _per_channel(consts["half_l"], z)
+    offset = _per_channel(consts["offset"], z)
+    shift = _per_channel(consts["shift"], z)
+    return squash(z + shift) * half_l - offset
+
+
+def distance_to_rounding_boundary(
+    z: Tensor, levels: Sequence[int], variant: str = "paper", hard_clamp: bool = False
+) -> Tensor:
+    """|b - nearest rounding boundary| for channel-last z, evaluated in float64.
+
+    The boundaries are half-integers for paper/atanh and integers for symmetric. Backends
+    computing in float32 may round the other way only where this is < 1e-5 * max(1, half_l).
+    """
+    b = bound(z.detach().to(torch.float64), levels, variant, hard_clamp)
+    nearest = b.round() if variant == "symmetric" else b.floor() + 0.5
+    return (b - nearest).abs()
+
+
+def _level_index_to_code(k: Tensor, levels: Sequence[int], variant: str) -> Tensor:
+    levels_t = _per_channel(levels, k)
+    if variant == "symmetric":
+        # 2k/(L-1) - 1 written with one rounding: the numerator is an exact integer.
+        return (2 * k - (levels_t - 1)) / (levels_t - 1)
+    half_width = _per_channel([level // 2 for level in levels], k)
+    return (k - half_width) / half_width
+
+
+def _level_indices_to_indices(k: Tensor, levels: Sequence[int], nan_token: Tensor) -> Tensor:
+    """sum_i k_i * basis_i in int64 (never a float sum); -1 where a channel is NaN."""
+    k = torch.where(nan_token.unsqueeze(-1), 0, k).to(torch.int64)
+    place = torch.tensor(basis(levels), dtype=torch.int64, device=k.device)
+    indices = (k * place).sum(dim=-1)
+    indices = torch.where(nan_token, -1, indices)
+    return indices.to(index_dtype(levels))
+
+
+def _to_channel_last(x: Tensor, channel_first: bool) -> Tensor:
+    return x.movedim(1, -1) if channel_first else x
+
+
+def _from_channel_last(x: Tensor, channel_first: bool) -> Tensor:
+    return x.movedim(-1, 1) if channel_first else x
+
+
+def quantize(
+    z: Tensor,
+    levels: Sequence[int],
+    *,
+    variant: str = "paper",
+    hard_clamp: bool = False,
+    channel_first: bool = False,
+    num_codebooks: int = 1,
+    return_indices: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Codes (z's dtype, straight-through gradient) and indices, per DESIGN.md section 1."""
+    levels = tuple(levels)
+    d = len(levels)
+    x = _to_channel_last(z, channel_first)
+    x = x.to(_math_dtype(z.dtype)).unflatten(-1, (num_codebooks, d))
+    b = bound(x, levels, variant, hard_clamp)
+    levels_t = _per_channel(levels, b)
+    if variant == "symmetric":
+        k = b.detach().floor().clamp(torch.zeros_like(levels_t), levels_t - 1)
+        code = (2 * (b + (k - b).detach()) - (levels_t - 1)) / (levels_t - 1)  # b + (k - b) == k exactly
+    else:
+        half_width = _per_channel([level // 2 for level in levels], b)
+        q = b.detach().round().clamp(-half_width, levels_t - 1 - half_width)  # round half to even
+        code = (b + (q - b).detach()) / half_width
+        k = q + half_width
+    codes = _from_channel_last(code.flatten(-2), channel_first).to(z.dtype)
+    if not return_indices:
+        return codes, None
+    nan_token = torch.isnan(k).any(dim=-1)
+    indices = _level_indices_to_indices(k, levels, nan_token)
+    if num_codebooks == 1:
+        indices = indices.squeeze(-1)
+    return codes, indices
+
+
+def indices_to_level_indices(indices: Tensor, levels: Sequence[int]) -> Tensor:
+    """Index (...) -> per-channel level index k (..., d), int64."""
+    place = torch.tensor(basis(levels), dtype=torch.int64, device=indices.device)
+    levels_t = torch.tensor(levels, dtype=torch.int64, device=indices.device)
+    return (indices.to(torch.int64).unsqueeze(-1) // place) % levels_t
+
+
+def indices_to_codes(
+    indices: Tensor,
+    levels: Sequence[int],
+    *,
+    variant: str = "paper",
+    channel_first: bool = False,
+    num_codebooks: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Decode without a materialized codebook: k_i = (index // basis_i) % L_i -> code."""
+    if num_codebooks == 1:
+        indices = indices.unsqueeze(-1)
+    k = indices_to_level_indices(indices, levels).to(torch.float64)
+    codes = _level_index_to_code(k, levels, variant).flatten(-2).to(dtype)
+    return _from_channel_last(codes, channel_first)
+
+
+def codes_to_indices(
+    codes: Tensor,
+    levels: Sequence[int],
+    *,
+    variant: str = "paper",
+    channel_first: bool = False,
+    num_codebooks: int = 1,
+) -> Tensor:
+    """Snap each code to the nearest grid point, then the integer index formula."""
+    d = len(levels)
+    x = _to_channel_last(codes, channel_first).to(torch.float64).unflatten(-1, (num_codebooks, d))
+    levels_t = _per_channel(levels, x)
+    if variant == "symmetric":
+        k = (x + 1) * (levels_t - 1) / 2
+    else:
+        half_width = _per_channel([level // 2 for level in levels], x)
+        k = x * half_width + half_width
+    k = k.round().clamp(torch.zeros_like(levels_t), levels_t - 1)
+    indices = _level_indices_to_indices(k, levels, torch.isnan(k).any(dim=-1))
+    return indices.squeeze(-1) if num_codebooks == 1 else indices
+
+
+def implicit_codebook(levels: Sequence[int], variant: str = "paper", dtype: torch.dtype = torch.float32) -> Tensor:
+    """Every code, (prod(levels), d), row i the code of index i. Refuses more than 2^24 rows."""
+    size = codebook_size(levels)
+    if size > MAX_MATERIALIZED_CODEBOOK:
+        raise ValueError(
+            f"implicit_codebook: levels {list(levels)} give {size} codes, more than the "
+            f"{MAX_MATERIALIZED_CODEBOOK} that may be materialized; decode indices with indices_to_codes instead"
+        )
+    return indices_to_codes(torch.arange(size), levels, variant=variant, dtype=dtype)
