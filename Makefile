@@ -20,7 +20,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --benchmark-disable
 
 demo: $(STAMP)
 	$(PYTHON) examples/quickstart.py

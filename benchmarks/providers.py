@@ -1,0 +1,198 @@
+"""Benchmark cases and providers, shared by the pytest-benchmark suite and the report.
+
+A provider turns a Case into a zero-argument callable that does the work once. Names are the ones
+every output uses: fsq_kernels[cpp], fsq_kernels[cuda], fsq_kernels[triton], reference,
+vector-quantize-pytorch, torch.compile(vector-quantize-pytorch); plus the floor (one allocating
+torch.tanh over the same tensor on CPU; a device-to-device copy of it on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import fsq_kernels
+
+MODES = ("forward", "backward", "forward+backward", "decode")
+LEVEL_SETS = ((8, 5, 5, 5), (8, 8, 8, 5, 5, 5))
+LAYOUTS = ("channel-last", "channel-first")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FLOOR = "floor"
+VQP = "vector-quantize-pytorch"
+VQP_COMPILED = "torch.compile(vector-quantize-pytorch)"
+# vector-quantize-pytorch uses the atanh bound; every provider runs the same variant.
+VARIANT = "atanh"
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str
+    dtype: str
+    levels: tuple[int, ...]
+    layout: str
+    tokens: int
+    device: str = "cpu"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def channel_first(self) -> bool:
+        return self.layout == "channel-first"
+
+    def label(self) -> str:
+        levels = "x".join(map(str, self.levels))
+        return f"{self.mode}-{self.dtype}-{levels}-{self.layout}-2^{int(math.log2(self.tokens))}"
+
+
+def make_input(case: Case, seed: int = 0) -> torch.Tensor:
+    """z with case.tokens tokens: (B, N, d) channel-last or (B, d, H, W) channel-first."""
+    d = len(case.levels)
+    batch = 16 if case.tokens >= 256 else 1
+    per_item = case.tokens // batch
+    g = torch.Generator().manual_seed(seed)
+    if case.channel_first:
+        height = 2 ** (int(math.log2(per_item)) // 2)
+        z = torch.randn(batch, d, height, per_item // height, generator=g)
+    else:
+        z = torch.randn(batch, per_item, d, generator=g)
+    return (z * 2).to(device=case.device, dtype=case.torch_dtype)
+
+
+def minimal_bytes(case: Case) -> int:
+    """Bytes the op must move at least: what a fused kernel reads and writes once."""
+    n = case.tokens * len(case.levels)
+    elem = torch.finfo(case.torch_dtype).bits // 8
+    index_bytes = case.tokens * 4
+    return {
+        "forward": 2 * n * elem + index_bytes,
+        "backward": 3 * n * elem,
+        "forward+backward": 2 * n * elem + index_bytes + 3 * n * elem,
+        "decode": index_bytes + n * elem,
+    }[case.mode]
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers
+# ---------------------------------------------------------------------------------------------
+
+
+def _fsq_kernels_quantize(backend: str) -> Callable:
+    def quantize(z: torch.Tensor, case: Case):
+        return fsq_kernels.quantize(z, case.levels, variant=VARIANT, channel_first=case.channel_first, backend=backend)
+
+    def decode(indices: torch.Tensor, case: Case):
+        return fsq_kernels.indices_to_codes(
+            indices, case.levels, variant=VARIANT, channel_first=case.channel_first, dtype=case.torch_dtype, backend=backend
+        )
+
+    return quantize, decode
+
+
+def _vqp_functions(compiled: bool):
+    from vector_quantize_pytorch import FSQ as PeerFSQ
+
+    modules: dict = {}
+
+    def module(case: Case):
+        key = (case.levels, case.channel_first)
+        if key not in modules:
+            peer = PeerFSQ(list(case.levels), channel_first=case.channel_first).to(case.device)
+            forward, decode = peer.forward, peer.indices_to_codes
+            if compiled:
+                forward, decode = torch.compile(forward), torch.compile(decode)
+            modules[key] = (forward, decode)
+        return modules[key]
+
+    def quantize(z: torch.Tensor, case: Case):
+        return module(case)[0](z)
+
+    def decode(indices: torch.Tensor, case: Case):
+        return module(case)[1](indices)
+
+    return quantize, decode
+
+
+def _backend_available(backend: str, device: str) -> bool:
+    if backend == "triton" and device == "cpu":
+        return False  # the interpreter is a correctness tool, not a benchmark provider
+    return backend in fsq_kernels.available_backends()
+
+
+def _vqp_available(device: str) -> bool:
+    try:
+        import vector_quantize_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    available: Callable[[str], bool]
+    functions: Callable[[], tuple[Callable, Callable]]
+    compiled: bool = False
+
+
+PROVIDERS = [
+    Provider("fsq_kernels[cpp]", lambda dev: dev == "cpu" and _backend_available("cpp", dev), lambda: _fsq_kernels_quantize("cpp")),
+    Provider("fsq_kernels[cuda]", lambda dev: dev == "cuda" and _backend_available("cuda", dev), lambda: _fsq_kernels_quantize("cuda")),
+    Provider("fsq_kernels[triton]", lambda dev: _backend_available("triton", dev), lambda: _fsq_kernels_quantize("triton")),
+    Provider("reference", lambda dev: True, lambda: _fsq_kernels_quantize("reference")),
+    Provider(VQP, _vqp_available, lambda: _vqp_functions(False)),
+    Provider(VQP_COMPILED, _vqp_available, lambda: _vqp_functions(True), compiled=True),
+]
+
+
+def available_providers(device: str, include_compiled: bool = True) -> list[Provider]:
+    return [p for p in PROVIDERS if p.available(device) and (include_compiled or not p.compiled)]
+
+
+def _codes(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def build(provider_functions: tuple[Callable, Callable], case: Case) -> Callable[[], object]:
+    """A zero-argument callable doing one `case.mode` of the provider on fresh inputs."""
+    quantize, decode = provider_functions
+    z = make_input(case)
+    if case.mode == "forward":
+        return lambda: quantize(z, case)
+    if case.mode == "decode":
+        indices = fsq_kernels.quantize(z, case.levels, variant=VARIANT, channel_first=case.channel_first, backend="reference")[1]
+        return lambda: decode(indices, case)
+    z = z.requires_grad_(True)
+    grad = torch.ones_like(z)
+    if case.mode == "forward+backward":
+        def forward_backward():
+            z.grad = None
+            _codes(quantize(z, case)).backward(grad)
+        return forward_backward
+    codes = _codes(quantize(z, case))
+
+    def backward():
+        z.grad = None
+        codes.backward(grad, retain_graph=True)
+    return backward
+
+
+def build_floor(case: Case) -> Callable[[], object]:
+    """The floor: one allocating torch.tanh over the same tensor (CPU); a device copy (CUDA)."""
+    z = make_input(case)
+    if case.device == "cuda":
+        return lambda: z.clone()
+    return lambda: torch.tanh(z)
+
+
+def bench_sizes(max_log2: int) -> list[int]:
+    return [2**k for k in range(10, max_log2 + 1, 4)]
+
+
+def ci_mode() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
