@@ -3,15 +3,18 @@
 __version__ = "0.1.0"
 
 from . import reference
-from .nn import FSQ
-from .ops import available_backends, codes_to_indices, indices_to_codes, quantize
+from .nn import FSQ, GroupedResidualFSQ, ResidualFSQ
+from .ops import available_backends, codes_to_indices, indices_to_codes, quantize, residual_quantize
 
 __all__ = [
     "FSQ",
+    "GroupedResidualFSQ",
+    "ResidualFSQ",
     "__version__",
     "available_backends",
     "codes_to_indices",
     "indices_to_codes",
     "quantize",
+    "residual_quantize",
     "reference",
 ]

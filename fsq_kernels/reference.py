@@ -277,3 +277,66 @@ def implicit_codebook(levels: Sequence[int], variant: str = "paper", dtype: torc
             f"{MAX_MATERIALIZED_CODEBOOK} that may be materialized; decode indices with indices_to_codes instead"
         )
     return indices_to_codes(torch.arange(size), levels, variant=variant, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual FSQ (vector-quantize-pytorch's ResidualFSQ; stages quantize what earlier ones left)
+# ---------------------------------------------------------------------------------------------
+
+
+def residual_scales(levels: Sequence[int], num_stages: int) -> list[list[float]]:
+    """Stage s quantizes residual / L^-s per channel. The values are float32 numbers computed as
+    vector-quantize-pytorch does (float32 pow), so that checkpoints of the peer give its indices."""
+    levels_t = torch.tensor(levels, dtype=torch.float32)
+    return [(levels_t ** -stage).tolist() for stage in range(num_stages)]
+
+
+def residual_soft_clamp(levels: Sequence[int]) -> list[float]:
+    """The input soft clamp c = 1 + 1/(L-1) that pairs with hard-clamped stages (float32 values,
+    computed as the peer does)."""
+    levels_t = torch.tensor(levels)
+    return (1 + 1 / (levels_t - 1)).tolist()
+
+
+def residual_quantize(
+    x: Tensor,
+    levels: Sequence[int],
+    num_stages: int,
+    *,
+    hard_clamp: bool = True,
+    soft_clamp: Sequence[float] | None = None,
+    channel_first: bool = False,
+    active_stages: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Residual FSQ: (sum of every stage's scaled codes in x's dtype, indices (..., num_stages)).
+
+    x is soft-clamped (tanh(x / c) * c) when soft_clamp is given; stage s quantizes
+    residual / L^-s with the `symmetric` variant, and the residual drops what it took (detached).
+    Stages from active_stages on are dropped (quantize dropout): no contribution, index -1.
+    Channel-first input puts the stage axis of the indices at dim 1, as vector-quantize-pytorch.
+
+    Precision: float32 rounding in the residual (about 1e-7 of |x|) reaches stage s multiplied by
+    L^s (2e6 at L = 8, s = 7), so deep stages' indices are set by float32 noise in every float32
+    implementation, the peer's included; tests widen the boundary window of stage s by L^s.
+    """
+    levels = tuple(levels)
+    active = num_stages if active_stages is None else active_stages
+    h = _to_channel_last(x, channel_first).to(_math_dtype(x.dtype))
+    if soft_clamp is not None:
+        c = _per_channel(soft_clamp, h)
+        h = torch.tanh(h / c) * c
+    residual, out, all_indices = h, torch.zeros_like(h), []
+    for stage, scale_values in enumerate(residual_scales(levels, num_stages)):
+        if stage >= active:
+            all_indices.append(torch.full(h.shape[:-1], -1, dtype=index_dtype(levels), device=h.device))
+            continue
+        scale = _per_channel(scale_values, h)
+        codes, indices = quantize(residual / scale, levels, variant="symmetric", hard_clamp=hard_clamp)
+        stage_out = codes * scale
+        residual = residual - stage_out.detach()
+        out = out + stage_out
+        all_indices.append(indices)
+    indices = torch.stack(all_indices, dim=-1)
+    if channel_first:
+        return out.movedim(-1, 1).to(x.dtype), indices.movedim(-1, 1)
+    return out.to(x.dtype), indices

@@ -114,3 +114,82 @@ def expected_grad(z: torch.Tensor, levels, variant: str, hard_clamp: bool, chann
 @pytest.fixture
 def device():
     return torch.device(TEST_DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual FSQ matching: per-stage consistency with amplification-aware windows
+# ---------------------------------------------------------------------------------------------
+
+
+def residual_stage_inputs(x, levels, indices, *, soft_clamp, channel_first: bool):
+    """The float64 value y_s each stage rounds, given the stage choices in `indices`.
+
+    x: the quantizer input (channel-last or channel-first); indices: (..., q) channel-last or
+    (B, q, ...) channel-first. Returns y (tokens..., q, d) in float64 (NaN for dropped stages).
+    """
+    levels = tuple(levels)
+    h = x.detach().cpu().to(torch.float64)
+    idx = indices.detach().cpu().to(torch.int64)
+    if channel_first:
+        h, idx = h.movedim(1, -1), idx.movedim(1, -1)
+    if soft_clamp is not None:
+        c = torch.tensor(soft_clamp, dtype=torch.float64)
+        h = torch.tanh(h / c) * c
+    num_stages = idx.shape[-1]
+    scales = torch.tensor(reference.residual_scales(levels, num_stages), dtype=torch.float64)
+    residual, ys = h, []
+    for s in range(num_stages):
+        ys.append(residual / scales[s])
+        stage_idx = idx[..., s]
+        dropped = stage_idx < 0
+        code = reference.indices_to_codes(stage_idx.clamp_min(0), levels, variant="symmetric", dtype=torch.float64)
+        ys[-1] = torch.where(dropped.unsqueeze(-1), float("nan"), ys[-1])
+        residual = residual - torch.where(dropped.unsqueeze(-1), 0.0, code * scales[s])
+    return torch.stack(ys, dim=-2)
+
+
+def residual_windows(levels, num_stages: int, hard_clamp: bool) -> torch.Tensor:
+    """(q, d): the single-stage window, times the amplification L_i^s of residual noise at stage s."""
+    base = boundary_window(levels, "symmetric", hard_clamp)
+    levels_t = torch.tensor(levels, dtype=torch.float64)
+    amplification = torch.stack([levels_t**s for s in range(num_stages)])  # residual noise reaches stage s x L^s
+    return amplification * base[None, :]
+
+
+def assert_residual_consistent(indices, x, levels, *, soft_clamp, hard_clamp: bool = True, channel_first: bool = False) -> int:
+    """Each stage's index is the float64 rounding of y_s given the implementation's own earlier
+    choices, except where y_s lies inside the stage's window; returns the number of exceptions."""
+    levels = tuple(levels)
+    y = residual_stage_inputs(x, levels, indices, soft_clamp=soft_clamp, channel_first=channel_first)
+    idx = indices.detach().cpu().to(torch.int64)
+    idx = idx.movedim(1, -1) if channel_first else idx
+    active = idx >= 0
+    want = reference.quantize(y.nan_to_num(0.0), levels, variant="symmetric", hard_clamp=hard_clamp)[1].to(torch.int64)
+    near = (reference.distance_to_rounding_boundary(y.nan_to_num(0.0), levels, "symmetric", hard_clamp)
+            < residual_windows(levels, idx.shape[-1], hard_clamp)).any(-1)
+    bad = active & (idx != want) & ~near
+    assert not bad.any(), (
+        f"{int(bad.sum())} stage indices are not the rounding of their stage input outside the window; "
+        f"stages {bad.nonzero()[:5, -1].tolist()}"
+    )
+    return int((active & (idx != want)).sum())
+
+
+def assert_residual_parity(indices_a, indices_b, x, levels, *, soft_clamp, hard_clamp: bool = True, channel_first: bool = False) -> int:
+    """Two implementations' stage indices agree up to the first stage where they differ, and
+    there the stage input lies inside its window; returns the number of tokens that differ."""
+    a, b = indices_a.detach().cpu().to(torch.int64), indices_b.detach().cpu().to(torch.int64)
+    assert a.shape == b.shape, f"{tuple(a.shape)} != {tuple(b.shape)}"
+    if channel_first:
+        a, b = a.movedim(1, -1), b.movedim(1, -1)
+    differs = a != b
+    first = torch.where(differs.any(-1), differs.int().argmax(-1), -1)
+    y = residual_stage_inputs(x, levels, indices_a, soft_clamp=soft_clamp, channel_first=channel_first)
+    windows = residual_windows(levels, a.shape[-1], hard_clamp)
+    dist = reference.distance_to_rounding_boundary(y.nan_to_num(0.0), tuple(levels), "symmetric", hard_clamp)
+    near = (dist < windows).any(-1)  # (..., q)
+    rows = first >= 0
+    ok = near.gather(-1, first.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    bad = rows & ~ok
+    assert not bad.any(), f"{int(bad.sum())} tokens differ at a stage whose input is outside the window"
+    return int(rows.sum())

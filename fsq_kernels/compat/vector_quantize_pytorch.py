@@ -20,7 +20,11 @@ from torch import Tensor
 
 from .. import nn as fsq_nn
 
-__all__ = ["FSQ", "CompatAssertionError"]
+__all__ = ["FSQ", "CompatAssertionError", "GroupedResidualFSQ", "ResidualFSQ"]
+
+# The residual classes already have the peer's constructor, defaults and shape rules.
+ResidualFSQ = fsq_nn.ResidualFSQ
+GroupedResidualFSQ = fsq_nn.GroupedResidualFSQ
 
 
 class CompatAssertionError(AssertionError, ValueError):

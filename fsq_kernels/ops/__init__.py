@@ -23,7 +23,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # float64 runs where its math can be float64: the reference and the CPU kernels.
 _FLOAT64_BACKENDS = ("reference", "cpp")
 
-__all__ = ["available_backends", "codes_to_indices", "indices_to_codes", "quantize", "validate_levels"]
+__all__ = [
+    "available_backends", "codes_to_indices", "indices_to_codes", "quantize", "residual_quantize", "validate_levels",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,31 +50,33 @@ def _triton_devices() -> tuple[str, ...]:
     return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 
 
-def _backend_runs_on(name: str, device_type: str) -> bool:
+def _backend_runs_on(name: str, device_type: str, op: str = "quantize") -> bool:
     if name == "reference":
         return True
     module = _backend_module(name)
-    if module is None:
+    if module is None or not hasattr(module, op):
         return False
     if name == "triton":
         return device_type in _triton_devices() and module.is_available(device_type)
     return device_type == _DEVICE_OF_BACKEND[name] and module.is_available(device_type)
 
 
-def available_backends() -> list[str]:
+def available_backends(op: str = "quantize") -> list[str]:
     """`reference` always; `cpp` when the extension is built; `cuda` when it is built with CUDA
-    and a GPU is visible; `triton` when a GPU is visible or TRITON_INTERPRET=1 is set."""
+    and a GPU is visible; `triton` when a GPU is visible or TRITON_INTERPRET=1 is set.
+    `op` ("quantize", "indices_to_codes" or "residual_quantize") narrows the list to the backends
+    that implement that op."""
     names = ["reference"]
-    if _backend_runs_on("cpp", "cpu"):
+    if _backend_runs_on("cpp", "cpu", op):
         names.append("cpp")
-    if torch.cuda.is_available() and _backend_runs_on("cuda", "cuda"):
+    if torch.cuda.is_available() and _backend_runs_on("cuda", "cuda", op):
         names.append("cuda")
-    if _backend_runs_on("triton", "cuda" if torch.cuda.is_available() else "cpu"):
+    if _backend_runs_on("triton", "cuda" if torch.cuda.is_available() else "cpu", op):
         names.append("triton")
     return names
 
 
-def _resolve_backend(backend: str, tensor: Tensor, caller: str) -> str:
+def _resolve_backend(backend: str, tensor: Tensor, caller: str, op: str = "quantize") -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{caller}: backend must be one of {list(BACKENDS)}; got {backend!r}")
     device_type = tensor.device.type
@@ -83,8 +87,10 @@ def _resolve_backend(backend: str, tensor: Tensor, caller: str) -> str:
             candidates = ("cpp",)
         else:  # mps, xpu, ...
             candidates = ()
-        return next((name for name in candidates if _backend_runs_on(name, device_type)), "reference")
-    if not _backend_runs_on(backend, device_type):
+        return next((name for name in candidates if _backend_runs_on(name, device_type, op)), "reference")
+    if backend != "reference" and _backend_runs_on(backend, device_type) and not _backend_runs_on(backend, device_type, op):
+        raise ValueError(f"{caller}: backend {backend!r} does not implement {op} yet; use backend='auto' or 'reference'")
+    if not _backend_runs_on(backend, device_type, op):
         raise ValueError(
             f"{caller}: backend {backend!r} is not available for a tensor on device {str(tensor.device)!r}; "
             f"available backends: {available_backends()}"
@@ -245,7 +251,7 @@ def indices_to_codes(
     if indices.dim() < min_dims:
         raise ValueError(f"{caller}: channel_first=True needs a batch axis; got indices of shape {tuple(indices.shape)}")
     _check_index_range(indices, levels, caller)
-    name = _resolve_backend(backend, indices, caller)
+    name = _resolve_backend(backend, indices, caller, "indices_to_codes")
     if name == "reference":
         return reference.indices_to_codes(
             indices, levels, variant=variant, channel_first=bool(channel_first), num_codebooks=num_codebooks, dtype=dtype
@@ -271,4 +277,50 @@ def codes_to_indices(
     _validate_channels(codes, "codes", levels, num_codebooks, channel_first, caller)
     return reference.codes_to_indices(
         codes, levels, variant=variant, channel_first=bool(channel_first), num_codebooks=num_codebooks
+    )
+
+
+def residual_quantize(
+    x: Tensor,
+    levels: Sequence[int],
+    num_stages: int,
+    *,
+    hard_clamp: bool = True,
+    soft_clamp: Sequence[float] | None = None,
+    channel_first: bool = False,
+    active_stages: int | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Residual FSQ over num_stages stages (vector-quantize-pytorch's ResidualFSQ quantization).
+
+    x (..., d) or (B, d, ...) with d = len(levels) is soft-clamped (tanh(x / c) * c) when
+    soft_clamp is given; stage s quantizes residual / L^-s with the `symmetric` variant. Returns
+    (sum of the stages' scaled codes, indices) with indices (..., num_stages), or (B, num_stages,
+    ...) for channel-first input. Stages from active_stages on are dropped (index -1).
+    """
+    caller = "fsq_kernels.residual_quantize"
+    levels = validate_levels(levels, caller)
+    if isinstance(num_stages, bool) or not isinstance(num_stages, numbers.Integral) or num_stages < 1:
+        raise ValueError(f"{caller}: num_stages must be an int >= 1; got {num_stages!r}")
+    num_stages = int(num_stages)
+    if active_stages is None:
+        active_stages = num_stages
+    if isinstance(active_stages, bool) or not isinstance(active_stages, numbers.Integral) or not 0 <= active_stages <= num_stages:
+        raise ValueError(f"{caller}: active_stages must be an int in [0, num_stages={num_stages}]; got {active_stages!r}")
+    if soft_clamp is not None:
+        soft_clamp = tuple(float(c) for c in soft_clamp)
+        if len(soft_clamp) != len(levels) or any(not c > 0 for c in soft_clamp):
+            raise ValueError(
+                f"{caller}: soft_clamp must hold {len(levels)} positive values (one per channel); got {list(soft_clamp)}"
+            )
+    _validate_float_tensor(x, "x", caller)
+    _validate_channels(x, "x", levels, 1, channel_first, caller)
+    name = _resolve_backend(backend, x, caller, "residual_quantize")
+    if name == "reference":
+        return reference.residual_quantize(
+            x, levels, num_stages, hard_clamp=bool(hard_clamp), soft_clamp=soft_clamp,
+            channel_first=bool(channel_first), active_stages=int(active_stages),
+        )
+    return _backend_module(name).residual_quantize(
+        x, levels, num_stages, bool(hard_clamp), soft_clamp, bool(channel_first), int(active_stages)
     )
