@@ -10,6 +10,10 @@ pointer arguments (and integer arguments divisible by 16) specialised as 16-byte
 - the forward issues one global load per input element (bytes loaded by all threads of a program
   == tile elements x element size, nothing loaded twice); the backward loads z and grad once;
 - ptxas -v (the ptxas that Triton ships) reports 0 spill bytes.
+The fused residual kernels (fsq_kernels/triton/residual.py, [8,5,5,5] x 8 stages, peer soft
+clamp, hard-clamped stages) get the same treatment, plus: each stage product code * scale is its
+own rounded instruction (fma with a +0 addend, never contracted into the residual update), and
+active_stages is excluded from Triton's value specialisation (quantize dropout never recompiles).
 
 The compilation needs the real (not interpreted) `triton.jit`, and tests/conftest.py sets
 TRITON_INTERPRET=1 for the CPU suite, so the compile job runs in a subprocess without it: run
@@ -175,6 +179,61 @@ def _case(kernel_name: str, dtype_name: str, layout: str, cc: int, levels=LEVELS
     }
 
 
+RESIDUAL_STAGES = 8
+RESIDUAL_CASES = (
+    ("residual_forward", "float32", "channel_last"),
+    ("residual_backward", "float32", "channel_last"),
+    ("residual_forward", "bfloat16", "channel_first"),
+)
+_FMA_PRODUCT = re.compile(r"\bfma\.rn\.f32\s+%r\d+,\s*%r\d+,\s*(?:%r\d+|0f[0-9A-F]{8}),\s*0f00000000;")
+
+
+def _residual_case(kernel_name: str, dtype_name: str, layout: str, cc: int, levels=LEVELS,
+                   stages=RESIDUAL_STAGES) -> dict:
+    import torch
+
+    from fsq_kernels import reference
+    from fsq_kernels.triton import residual
+
+    dtype = getattr(torch, dtype_name)
+    d = len(levels)
+    channel_first = layout == "channel_first"
+    x = torch.empty((2, d, 64, 64) if channel_first else (8192, d), dtype=dtype, device="meta")
+    soft = reference.residual_soft_clamp(levels)
+    if kernel_name == "residual_forward":
+        kernel, grid, args, kwargs = _capture_launch(
+            residual.residual_forward, x, levels, stages, True, soft, channel_first, stages)
+        expected_load_elems = 1
+        products = stages - 1
+    else:
+        kernel, grid, args, kwargs = _capture_launch(
+            residual.residual_backward, x, torch.empty_like(x), levels, stages, True, soft, channel_first, stages)
+        expected_load_elems = 2
+        products = stages - 2  # the last stage's residual update is dead in the backward
+    block = kwargs["BLOCK"]
+    start = time.perf_counter()
+    compiled = _compile_captured(kernel, args, dict(kwargs), cc)
+    seconds = time.perf_counter() - start
+    ptx = compiled.asm["ptx"]
+    loads, stores = _accesses(ptx, _LD), _accesses(ptx, _ST)
+    esize = torch.empty((), dtype=dtype).element_size()
+    return {
+        "kernel": kernel_name, "dtype": dtype_name, "layout": layout, "cc": cc, "levels": list(levels),
+        "stages": stages, "tokens": 8192, "block": block, "d_pad": kwargs["D_PAD"],
+        "compile_s": round(seconds, 2),
+        "ld_count": len(loads), "ld_widths": sorted({w for w, _ in loads}),
+        "ld_bytes_per_program": sum(b for _, b in loads) * THREADS,
+        "expected_ld_bytes_per_program": expected_load_elems * block * d * esize,
+        "st_count": len(stores), "st_widths": sorted({w for w, _ in stores}),
+        # stage 0 has scale 1 (the product folds away): later stages keep one rounded product
+        # per element each
+        "stage_products": len(_FMA_PRODUCT.findall(ptx)),
+        "expected_stage_products": products * block * d // THREADS,
+        "active_stages_specialised": not kernel.params[kernel.arg_names.index("active_stages")].do_not_specialize,
+        **_ptxas_report(ptx, cc),
+    }
+
+
 def compile_report() -> list[dict]:
     cases = []
     for cc in TARGETS:
@@ -186,6 +245,8 @@ def compile_report() -> list[dict]:
         cases.append(_case("forward", "float32", "channel_last", cc, levels=(300, 7)))
         # a token count that is not a multiple of 16: the row mask is still constant per row
         cases.append(_case("forward", "float32", "channel_last", cc, tokens=8191))
+        for kernel_name, dtype_name, layout in RESIDUAL_CASES:
+            cases.append(_residual_case(kernel_name, dtype_name, layout, cc))
     return cases
 
 
@@ -222,6 +283,29 @@ if __name__ != "__main__":
                 and c["levels"] == list(LEVELS) and c["tokens"] in (8192, 2 * 64 * 64)]
         assert len(hits) == 1, key
         return hits[0]
+
+    def _find_residual(report, **key):
+        hits = [c for c in report if c["kernel"].startswith("residual_")
+                and all(c[k] == v for k, v in key.items())]
+        assert len(hits) == 1, key
+        return hits[0]
+
+    @pytest.mark.parametrize("cc", TARGETS)
+    @pytest.mark.parametrize("kernel,dtype,layout", RESIDUAL_CASES)
+    def test_residual_compiles_without_spills(report, cc, kernel, dtype, layout):
+        case = _find_residual(report, cc=cc, kernel=kernel, dtype=dtype, layout=layout)
+        assert case["spill_store_bytes"] == 0 and case["spill_load_bytes"] == 0, case
+        # x (and grad_out) read once: one load per input element, nothing loaded twice
+        assert case["ld_bytes_per_program"] == case["expected_ld_bytes_per_program"], case
+        assert case["stage_products"] == case["expected_stage_products"], case
+        assert not case["active_stages_specialised"], case
+
+    @pytest.mark.parametrize("cc", TARGETS)
+    @pytest.mark.parametrize("kernel", ["residual_forward", "residual_backward"])
+    def test_residual_channel_last_vector_access(report, cc, kernel):
+        # 16-byte fp32 rows: v4 loads; the forward's 8 int32 indices per row: v4 stores too
+        case = _find_residual(report, cc=cc, kernel=kernel, dtype="float32", layout="channel_last")
+        assert case["ld_widths"] == [4] and case["st_widths"] == [4], case
 
     @pytest.mark.parametrize("cc", TARGETS)
     @pytest.mark.parametrize("kernel", KERNELS)

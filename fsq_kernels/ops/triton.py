@@ -11,9 +11,14 @@ shapes), and ``torch.compile`` sees the kernels themselves rather than an opaque
   num_codebooks) -> grad_z``.
 * ``fsq_triton::indices_to_codes(indices, levels, variant, channel_first, num_codebooks,
   dtype) -> codes``.
+* ``fsq_triton::residual_quantize(x, levels, num_stages, hard_clamp, soft_clamp, channel_first,
+  active_stages) -> (out, indices)`` and ``fsq_triton::residual_quantize_backward(x, grad_out,
+  ...same arguments) -> grad_x``: fused residual FSQ (kernels in ``fsq_kernels/triton/residual.py``).
 
 Autograd: ``quantize`` saves only z (in its own dtype) and its backward is one launch of
-``quantize_backward`` (straight-through across the round, true derivative of the bound).
+``quantize_backward`` (straight-through across the round, true derivative of the bound);
+``residual_quantize`` saves only x and its backward is one launch of
+``residual_quantize_backward``, which recomputes the stages from x.
 Arguments arrive validated by ``fsq_kernels.ops`` (docs/BACKENDS.md); nothing here reads
 tensor values on the host, so forward and backward never synchronize with the device.
 """
@@ -21,6 +26,7 @@ tensor values on the host, so forward and backward never synchronize with the de
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,13 +35,15 @@ try:  # the interpreter (TRITON_INTERPRET=1) must be chosen before this import
     import triton  # noqa: F401
 
     from ..triton import fsq as _k
+    from ..triton import residual as _rk
 
     _TRITON_IMPORTS = True
 except ImportError:  # pragma: no cover - depends on the environment
     _k = None
+    _rk = None
     _TRITON_IMPORTS = False
 
-__all__ = ["indices_to_codes", "is_available", "quantize"]
+__all__ = ["indices_to_codes", "is_available", "quantize", "residual_quantize"]
 
 
 def is_available(device_type: str) -> bool:
@@ -137,6 +145,55 @@ if _TRITON_IMPORTS:
 
     torch.library.register_autograd("fsq_triton::quantize", _backward, setup_context=_setup_context)
 
+    @triton_op("fsq_triton::residual_quantize", mutates_args=())
+    def _residual_quantize_op(
+        x: Tensor,
+        levels: list[int],
+        num_stages: int,
+        hard_clamp: bool,
+        soft_clamp: Optional[list[float]],
+        channel_first: bool,
+        active_stages: int,
+    ) -> tuple[Tensor, Tensor]:
+        return _rk.residual_forward(
+            x, tuple(levels), num_stages, hard_clamp, soft_clamp, channel_first, active_stages,
+            wrap=_wrap(x),
+        )
+
+    @triton_op("fsq_triton::residual_quantize_backward", mutates_args=())
+    def _residual_quantize_backward_op(
+        x: Tensor,
+        grad_out: Tensor,
+        levels: list[int],
+        num_stages: int,
+        hard_clamp: bool,
+        soft_clamp: Optional[list[float]],
+        channel_first: bool,
+        active_stages: int,
+    ) -> Tensor:
+        return _rk.residual_backward(
+            x, grad_out, tuple(levels), num_stages, hard_clamp, soft_clamp, channel_first,
+            active_stages, wrap=_wrap(x),
+        )
+
+    def _residual_setup_context(ctx, inputs, output):
+        x, levels, num_stages, hard_clamp, soft_clamp, channel_first, active_stages = inputs
+        ctx.save_for_backward(x)  # only x, in its own dtype: the backward recomputes the stages
+        ctx.fsq_args = (list(levels), num_stages, hard_clamp,
+                        None if soft_clamp is None else list(soft_clamp), channel_first, active_stages)
+        ctx.set_materialize_grads(False)
+
+    def _residual_backward(ctx, grad_out, grad_indices):
+        (x,) = ctx.saved_tensors
+        if grad_out is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
+        grad_x = torch.ops.fsq_triton.residual_quantize_backward(x, grad_out, *ctx.fsq_args)
+        return grad_x, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "fsq_triton::residual_quantize", _residual_backward, setup_context=_residual_setup_context
+    )
+
 
 def quantize(
     z: Tensor,
@@ -167,4 +224,23 @@ def indices_to_codes(
     return torch.ops.fsq_triton.indices_to_codes(
         indices, list(levels), variant, bool(channel_first), int(num_codebooks),
         torch.float32 if dtype is None else dtype,
+    )
+
+
+def residual_quantize(
+    x: Tensor,
+    levels: tuple[int, ...],
+    num_stages: int,
+    hard_clamp: bool,
+    soft_clamp: tuple[float, ...] | None,
+    channel_first: bool,
+    active_stages: int,
+) -> tuple[Tensor, Tensor]:
+    """Fused residual FSQ (reference.residual_quantize is the contract): (sum of the active
+    stages' scaled codes in x.dtype, indices (..., num_stages) or (B, num_stages, ...), -1 for
+    dropped stages and NaN tokens); differentiable with respect to x."""
+    return torch.ops.fsq_triton.residual_quantize(
+        x, list(levels), int(num_stages), bool(hard_clamp),
+        None if soft_clamp is None else [float(c) for c in soft_clamp],
+        bool(channel_first), int(active_stages),
     )

@@ -194,6 +194,45 @@ def _lane_int(VALS: tl.constexpr, lane, D: tl.constexpr, D_PAD: tl.constexpr, DT
 
 
 @triton.jit
+def _level_index(z, lane, L_i, LEVELS: tl.constexpr, HALF_L: tl.constexpr, OFFSET: tl.constexpr,
+                 SHIFT: tl.constexpr, BOUNDS: tl.constexpr, MAX_B: tl.constexpr,
+                 VARIANT: tl.constexpr, HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr,
+                 D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Level index k in [0, L-1] ([BLOCK, D_PAD] int32) of float32 z; NaN gives 0 (callers
+    mark NaN themselves).  Shared by the FSQ forward and the residual kernels."""
+    L_max = (L_i - 1)[None, :]
+    if USE_CMP:
+        # level index = number of boundaries below z (ties go up for symmetric)
+        k = tl.zeros([BLOCK, D_PAD], tl.int32)
+        for q in tl.static_range(MAX_B):
+            thr = tl.full([D_PAD], float("inf"), tl.float32)  # lanes without a q-th boundary
+            for i in tl.static_range(D):
+                if q < LEVELS[i] - 1:
+                    thr = tl.where(lane == i, BOUNDS[i][q], thr)
+            if VARIANT == 2:
+                k += (z >= thr[None, :]).to(tl.int32)
+            else:
+                k += (z > thr[None, :]).to(tl.int32)
+    else:
+        shift = _lane_f32(SHIFT, lane, D, D_PAD, 0.0)[None, :]
+        x = z + shift
+        if HARD_CLAMP:
+            t = tl.minimum(tl.maximum(x, -1.0), 1.0)
+        else:
+            t = _tanh(x)
+        if VARIANT == 2:
+            kf = tl.floor((L_max.to(tl.float32) * (t + 1.0)) * 0.5 + 0.5)
+        else:
+            half_l = _lane_f32(HALF_L, lane, D, D_PAD, 1.0)[None, :]
+            offset = _lane_f32(OFFSET, lane, D, D_PAD, 0.0)[None, :]
+            hw_f = (L_i // 2).to(tl.float32)[None, :]
+            kf = _round_half_even(t * half_l - offset) + hw_f
+        kf = tl.where(z != z, 0.0, kf)
+        k = kf.to(tl.int32)
+    return tl.minimum(tl.maximum(k, 0), L_max)
+
+
+@triton.jit
 def _unit_offsets(pid, n_inner, n_o1, n_o2, s_in, s_o0, s_o1, s_o2,
                   IN_ONE: tl.constexpr, IN_CONST: tl.constexpr, BLOCK: tl.constexpr,
                   N_OUTER: tl.constexpr, I64: tl.constexpr):
@@ -260,35 +299,8 @@ def _fsq_fwd_kernel(
 
     L_i = _lane_int(LEVELS, lane, D, D_PAD, tl.int32)
     L_max = (L_i - 1)[None, :]
-    if USE_CMP:
-        # level index = number of boundaries below z (ties go up for symmetric)
-        k = tl.zeros([BLOCK, D_PAD], tl.int32)
-        for q in tl.static_range(MAX_B):
-            thr = tl.full([D_PAD], float("inf"), tl.float32)  # lanes without a q-th boundary
-            for i in tl.static_range(D):
-                if q < LEVELS[i] - 1:
-                    thr = tl.where(lane == i, BOUNDS[i][q], thr)
-            if VARIANT == 2:
-                k += (z >= thr[None, :]).to(tl.int32)
-            else:
-                k += (z > thr[None, :]).to(tl.int32)
-    else:
-        shift = _lane_f32(SHIFT, lane, D, D_PAD, 0.0)[None, :]
-        x = z + shift
-        if HARD_CLAMP:
-            t = tl.minimum(tl.maximum(x, -1.0), 1.0)
-        else:
-            t = _tanh(x)
-        if VARIANT == 2:
-            kf = tl.floor((L_max.to(tl.float32) * (t + 1.0)) * 0.5 + 0.5)
-        else:
-            half_l = _lane_f32(HALF_L, lane, D, D_PAD, 1.0)[None, :]
-            offset = _lane_f32(OFFSET, lane, D, D_PAD, 0.0)[None, :]
-            hw_f = (L_i // 2).to(tl.float32)[None, :]
-            kf = _round_half_even(t * half_l - offset) + hw_f
-        kf = tl.where(z != z, 0.0, kf)
-        k = kf.to(tl.int32)
-    k = tl.minimum(tl.maximum(k, 0), L_max)
+    k = _level_index(z, lane, L_i, LEVELS, HALF_L, OFFSET, SHIFT, BOUNDS, MAX_B,
+                     VARIANT, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK)
 
     if VARIANT == 2:
         num = 2 * k - L_max
