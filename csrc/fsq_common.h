@@ -1,0 +1,205 @@
+// fsq_common.h: host-side argument validation, output shapes and strided token geometry, shared
+// by the CPU (fsq_cpu.cpp) and CUDA (fsq_cuda.cu) implementations of the fsq:: ops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "fsq_math.h"
+
+namespace fsq {
+
+// ---------------------------------------------------------------------------------------------
+// Validation (DESIGN "Errors": ValueError for values, TypeError for dtypes, naming the argument,
+// the expected and the actual value).
+// ---------------------------------------------------------------------------------------------
+
+inline std::string repr_levels(c10::IntArrayRef levels) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < levels.size(); ++i) os << (i ? ", " : "") << levels[i];
+  os << "]";
+  return os.str();
+}
+
+struct Setup {
+  std::vector<HostChannel> ch;
+  int32_t variant = kPaper;
+  bool hard_clamp = false;
+  int64_t d = 0;
+  int64_t num_codebooks = 1;
+  int64_t channels = 0;   // d * num_codebooks
+  int64_t prod = 1;       // prod(levels): the codebook size
+  bool index64 = false;   // prod > 2^31 - 1
+};
+
+inline Setup make_setup(const char* op, c10::IntArrayRef levels, c10::string_view variant,
+                        bool hard_clamp, int64_t num_codebooks) {
+  Setup s;
+  TORCH_CHECK_VALUE(!levels.empty(), op, ": levels must be a non-empty list of ints >= 2, got []");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(levels.size()) <= kMaxChannels, op,
+                    ": levels must have at most ", kMaxChannels,
+                    " entries (channels per codebook) for the native kernels, got ",
+                    levels.size(), " (levels=", repr_levels(levels), ")");
+  const std::string v(variant.data(), variant.size());
+  s.variant = parse_variant(v);
+  TORCH_CHECK_VALUE(s.variant >= 0, op,
+                    ": variant must be one of 'paper', 'atanh', 'symmetric', got '", v, "'");
+  TORCH_CHECK_VALUE(!(hard_clamp && s.variant == kPaper), op,
+                    ": hard_clamp=True requires variant 'atanh' or 'symmetric', got variant 'paper'");
+  TORCH_CHECK_VALUE(num_codebooks >= 1, op, ": num_codebooks must be an int >= 1, got ",
+                    num_codebooks);
+  s.hard_clamp = hard_clamp;
+  s.d = static_cast<int64_t>(levels.size());
+  s.num_codebooks = num_codebooks;
+  s.channels = s.d * num_codebooks;
+  for (int64_t L : levels) {
+    TORCH_CHECK_VALUE(L >= 2 && L <= (int64_t{1} << 24), op,
+                      ": every level must be an int in [2, 2^24], got levels=", repr_levels(levels));
+    TORCH_CHECK_VALUE(s.prod <= std::numeric_limits<int64_t>::max() / L, op,
+                      ": prod(levels) must fit in int64, got levels=", repr_levels(levels));
+    s.prod *= L;
+    s.ch.push_back(host_channel(L, s.variant, hard_clamp));
+  }
+  s.index64 = s.prod > int64_t{2147483647};
+  return s;
+}
+
+inline int64_t channel_dim(int64_t ndim, bool channel_first) {
+  return channel_first ? 1 : ndim - 1;
+}
+
+inline void check_float_input(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be a floating tensor (float16, bfloat16, float32, float64), got dtype ",
+                   t.scalar_type());
+}
+
+inline void check_z_shape(const char* op, const char* name, const at::Tensor& z, const Setup& s,
+                          bool channel_first) {
+  const int64_t need = channel_first ? 2 : 1;
+  TORCH_CHECK_VALUE(z.dim() >= need, op, ": ", name, " must have at least ", need,
+                    " dims for channel_first=", channel_first ? "True" : "False", ", got shape ",
+                    z.sizes());
+  const int64_t cd = channel_dim(z.dim(), channel_first);
+  TORCH_CHECK_VALUE(z.size(cd) == s.channels, op, ": ", name, " must have len(levels) * "
+                    "num_codebooks = ", s.d, " * ", s.num_codebooks, " = ", s.channels,
+                    " channels in dim ", cd, ", got shape ", z.sizes());
+}
+
+inline at::ScalarType index_dtype(const Setup& s) { return s.index64 ? at::kLong : at::kInt; }
+
+// Indices: z's shape without the channel axis, plus a trailing num_codebooks axis when > 1.
+inline std::vector<int64_t> index_shape(c10::IntArrayRef zshape, bool channel_first,
+                                        int64_t num_codebooks) {
+  std::vector<int64_t> out;
+  const int64_t cd = channel_dim(static_cast<int64_t>(zshape.size()), channel_first);
+  for (int64_t i = 0; i < static_cast<int64_t>(zshape.size()); ++i)
+    if (i != cd) out.push_back(zshape[i]);
+  if (num_codebooks > 1) out.push_back(num_codebooks);
+  return out;
+}
+
+// Codes from indices: the inverse of index_shape.
+inline std::vector<int64_t> decode_shape(const char* op, c10::IntArrayRef ishape,
+                                         bool channel_first, const Setup& s) {
+  std::vector<int64_t> tok(ishape.begin(), ishape.end());
+  if (s.num_codebooks > 1) {
+    TORCH_CHECK_VALUE(!tok.empty() && tok.back() == s.num_codebooks, op,
+                      ": indices must have a trailing axis of size num_codebooks = ",
+                      s.num_codebooks, ", got shape ", ishape);
+    tok.pop_back();
+  }
+  std::vector<int64_t> out;
+  if (channel_first) {
+    TORCH_CHECK_VALUE(!tok.empty(), op, ": channel_first=True needs indices with a batch axis, "
+                      "got shape ", ishape);
+    out.push_back(tok[0]);
+    out.push_back(s.channels);
+    out.insert(out.end(), tok.begin() + 1, tok.end());
+  } else {
+    out = tok;
+    out.push_back(s.channels);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token geometry: tokens are all positions of a tensor except its channel axis, in row-major
+// order (the order of the index tensor). Each operand has its own token strides and channel
+// stride (elements). Size-1 dims are dropped and adjacent dims merged when every operand allows
+// it, so the common layouts become one (channel-last, or channel-first with B == 1) or two
+// (channel-first) token dims; the innermost coalesced dim is last.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kMaxTokDims = 12;
+
+template <int NOPS>
+struct TokenGeom {
+  int32_t ndim;
+  int64_t ntok;
+  int64_t size[kMaxTokDims];
+  int64_t stride[NOPS][kMaxTokDims];
+  int64_t cstride[NOPS];
+
+  // Offset (elements) of token position `tok` for operand `op`.
+  FSQ_HD int64_t offset(int op, int64_t tok) const {
+    if (ndim <= 1) return ndim ? tok * stride[op][0] : 0;
+    int64_t off = 0;
+    for (int k = ndim - 1; k >= 0; --k) {
+      const int64_t sz = size[k];
+      const int64_t q = k == 0 ? 0 : tok / sz;
+      off += (tok - q * sz) * stride[op][k];
+      tok = q;
+    }
+    return off;
+  }
+  FSQ_HD int64_t inner() const { return ndim ? size[ndim - 1] : 1; }
+  FSQ_HD int64_t inner_stride(int op) const { return ndim ? stride[op][ndim - 1] : 0; }
+};
+
+// `shape` is the common shape of all operands, `strides[op]` their strides.
+template <int NOPS>
+inline TokenGeom<NOPS> make_geom(c10::IntArrayRef shape, const c10::IntArrayRef* strides,
+                                 int64_t cd) {
+  TokenGeom<NOPS> g;
+  std::memset(&g, 0, sizeof(g));
+  g.ntok = 1;
+  for (int op = 0; op < NOPS; ++op) g.cstride[op] = strides[op][cd];
+  int64_t sz[64];
+  int64_t st[NOPS][64];
+  int n = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(shape.size()); ++i) {
+    if (i == cd) continue;
+    g.ntok *= shape[i];
+    if (shape[i] == 1) continue;
+    bool merge = n > 0;
+    for (int op = 0; op < NOPS && merge; ++op)
+      merge = st[op][n - 1] == strides[op][i] * shape[i];
+    if (merge) {
+      sz[n - 1] *= shape[i];
+      for (int op = 0; op < NOPS; ++op) st[op][n - 1] = strides[op][i];
+    } else {
+      sz[n] = shape[i];
+      for (int op = 0; op < NOPS; ++op) st[op][n] = strides[op][i];
+      ++n;
+    }
+  }
+  TORCH_CHECK_VALUE(n <= kMaxTokDims, "fsq: tensor has ", n,
+                    " token dims that cannot be merged (at most ", kMaxTokDims,
+                    " supported); pass a contiguous tensor");
+  g.ndim = n;
+  for (int k = 0; k < n; ++k) {
+    g.size[k] = sz[k];
+    for (int op = 0; op < NOPS; ++op) g.stride[op][k] = st[op][k];
+  }
+  return g;
+}
+
+}  // namespace fsq

@@ -1,0 +1,405 @@
+// fsq_cuda.cu: CUDA kernels of the fsq:: ops (forward, backward, decode).
+//
+// One thread per (token, codebook), grid-stride loops. A thread reads the d <= 16 channels of
+// its codebook through strides (channel-first: adjacent threads read adjacent addresses) or, when
+// every operand is channel-contiguous and 16-byte aligned with d * sizeof(dtype) a multiple of 16
+// (e.g. [8,5,5,5] in float32, 8 channels in bf16), with 128-bit loads and stores. Math in
+// float32 (float64 is CPU-only). The forward compares against the level boundaries (no tanh);
+// the backward uses sech^2 from exp (fsq_math.h).
+//
+// Per-call constants travel by value in a __grid_constant__ struct (<= 4 KiB), boundaries
+// included up to kInlineBounds; larger level sets copy their boundaries to the device from pinned
+// memory, asynchronously on the current stream. No host synchronisation anywhere: in particular
+// indices_to_codes does not check the index range on CUDA; an index outside [0, prod(levels))
+// (e.g. the -1 of a NaN token) decodes to NaN codes.
+//
+// Only the dtype is a template parameter (3 instantiations per kernel); variant, hard_clamp,
+// layout and index dtype are runtime arguments, to keep the build time down.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "fsq_common.h"
+
+namespace fsq {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kInlineBounds = 512;
+constexpr int kLinearMaxCuda = 16;
+
+struct CudaArgs {
+  ChannelParams<float> p;
+  TokenGeom<3> g;
+  int64_t nwork;              // tokens * num_codebooks
+  const float* ext_bounds;    // device boundaries when they do not fit inline, else nullptr
+  int32_t vec;                // 128-bit loads/stores for every operand
+  float bounds[kInlineBounds];
+};
+static_assert(sizeof(CudaArgs) <= 4096, "kernel parameters must stay within 4 KiB");
+
+template <typename scalar_t>
+__device__ __forceinline__ void load_channels(const scalar_t* __restrict__ p, int64_t cs, int d,
+                                              bool vec, float (&v)[kMaxChannels]) {
+  constexpr int kPer = 16 / sizeof(scalar_t);
+  if (vec) {
+#pragma unroll
+    for (int c = 0; c < kMaxChannels; c += kPer) {
+      if (c < d) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p + c));
+        const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+        for (int u = 0; u < kPer; ++u)
+          if (c + u < kMaxChannels) v[c + u] = static_cast<float>(e[u]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < kMaxChannels; ++c)
+      if (c < d) v[c] = static_cast<float>(p[c * cs]);
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_channels(scalar_t* __restrict__ p, int64_t cs, int d,
+                                               bool vec, const float (&v)[kMaxChannels]) {
+  constexpr int kPer = 16 / sizeof(scalar_t);
+  if (vec) {
+#pragma unroll
+    for (int c = 0; c < kMaxChannels; c += kPer) {
+      if (c < d) {
+        uint4 raw;
+        scalar_t* e = reinterpret_cast<scalar_t*>(&raw);
+#pragma unroll
+        for (int u = 0; u < kPer; ++u)
+          e[u] = static_cast<scalar_t>(c + u < kMaxChannels ? v[c + u] : 0.0f);
+        *reinterpret_cast<uint4*>(p + c) = raw;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < kMaxChannels; ++c)
+      if (c < d) p[c * cs] = static_cast<scalar_t>(v[c]);
+  }
+}
+
+__device__ __forceinline__ int64_t work_begin() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t work_step() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+
+// ----------------------------------------------------------------------------------------------
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    fsq_forward_kernel(const __grid_constant__ CudaArgs a, const scalar_t* __restrict__ z,
+                       scalar_t* __restrict__ codes, void* __restrict__ indices) {
+  const int d = a.p.d;
+  const int ncb = a.p.num_codebooks;
+  const float* bnd = a.ext_bounds ? a.ext_bounds : a.bounds;
+  for (int64_t w = work_begin(); w < a.nwork; w += work_step()) {
+    const int64_t tok = ncb == 1 ? w : w / ncb;
+    const int64_t j = w - tok * ncb;
+    const int64_t zo = a.g.offset(0, tok) + j * d * a.g.cstride[0];
+    const int64_t co = a.g.offset(1, tok) + j * d * a.g.cstride[1];
+    float v[kMaxChannels];
+    load_channels<scalar_t>(z + zo, a.g.cstride[0], d, a.vec, v);
+    int64_t acc = 0;
+    bool nan = false;
+#pragma unroll
+    for (int i = 0; i < kMaxChannels; ++i) {
+      if (i < d) {
+        const float x = v[i];
+        const int32_t nb = a.p.nb[i];
+        const float* b = bnd + a.p.boff[i];
+        const int32_t k = nb <= kLinearMaxCuda ? level_index_linear<float>(x, b, nb, a.p.k0[i])
+                                               : level_index_bsearch<float>(x, b, nb, a.p.k0[i]);
+        const bool isn = x != x;
+        nan |= isn;
+        v[i] = isn ? x : code_value<float>(k, a.p.num_mul[i], a.p.num_sub[i], a.p.den[i]);
+        acc += static_cast<int64_t>(k) * a.p.basis[i];
+      }
+    }
+    store_channels<scalar_t>(codes + co, a.g.cstride[1], d, a.vec, v);
+    if (indices != nullptr) {
+      const int64_t out = nan ? int64_t{-1} : acc;
+      if (a.p.index64)
+        static_cast<int64_t*>(indices)[w] = out;
+      else
+        static_cast<int32_t*>(indices)[w] = static_cast<int32_t>(out);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    fsq_backward_kernel(const __grid_constant__ CudaArgs a, const scalar_t* __restrict__ z,
+                        const scalar_t* __restrict__ grad_codes, scalar_t* __restrict__ grad_z) {
+  const int d = a.p.d;
+  const int ncb = a.p.num_codebooks;
+  const bool hard = a.p.hard_clamp != 0;
+  for (int64_t w = work_begin(); w < a.nwork; w += work_step()) {
+    const int64_t tok = ncb == 1 ? w : w / ncb;
+    const int64_t j = w - tok * ncb;
+    float v[kMaxChannels], g[kMaxChannels];
+    load_channels<scalar_t>(z + a.g.offset(0, tok) + j * d * a.g.cstride[0], a.g.cstride[0], d,
+                            a.vec, v);
+    load_channels<scalar_t>(grad_codes + a.g.offset(1, tok) + j * d * a.g.cstride[1],
+                            a.g.cstride[1], d, a.vec, g);
+#pragma unroll
+    for (int i = 0; i < kMaxChannels; ++i)
+      if (i < d) v[i] = g[i] * grad_factor<float>(v[i], a.p.shift[i], a.p.coef[i], hard);
+    store_channels<scalar_t>(grad_z + a.g.offset(2, tok) + j * d * a.g.cstride[2],
+                             a.g.cstride[2], d, a.vec, v);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    fsq_decode_kernel(const __grid_constant__ CudaArgs a, const void* __restrict__ indices,
+                      int32_t indices64, int64_t prod, scalar_t* __restrict__ out) {
+  const int d = a.p.d;
+  const int ncb = a.p.num_codebooks;
+  for (int64_t w = work_begin(); w < a.nwork; w += work_step()) {
+    const int64_t tok = ncb == 1 ? w : w / ncb;
+    const int64_t j = w - tok * ncb;
+    const int64_t x = indices64 ? static_cast<const int64_t*>(indices)[w]
+                                : static_cast<int64_t>(static_cast<const int32_t*>(indices)[w]);
+    const bool bad = x < 0 || x >= prod;
+    float v[kMaxChannels];
+    if (prod <= int64_t{2147483647}) {  // 32-bit division
+      const uint32_t u = bad ? 0u : static_cast<uint32_t>(x);
+#pragma unroll
+      for (int i = 0; i < kMaxChannels; ++i) {
+        if (i < d) {
+          const int32_t k = static_cast<int32_t>(
+              (u / static_cast<uint32_t>(a.p.basis[i])) % static_cast<uint32_t>(a.p.L[i]));
+          v[i] = code_value<float>(k, a.p.num_mul[i], a.p.num_sub[i], a.p.den[i]);
+        }
+      }
+    } else {
+      const int64_t u = bad ? 0 : x;
+#pragma unroll
+      for (int i = 0; i < kMaxChannels; ++i) {
+        if (i < d) {
+          const int32_t k = static_cast<int32_t>((u / a.p.basis[i]) % a.p.L[i]);
+          v[i] = code_value<float>(k, a.p.num_mul[i], a.p.num_sub[i], a.p.den[i]);
+        }
+      }
+    }
+    if (bad) {
+#pragma unroll
+      for (int i = 0; i < kMaxChannels; ++i) v[i] = __int_as_float(0x7fc00000);
+    }
+    store_channels<scalar_t>(out + a.g.offset(0, tok) + j * d * a.g.cstride[0], a.g.cstride[0],
+                             d, a.vec, v);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// host side
+// ----------------------------------------------------------------------------------------------
+
+// Fills the per-call constants; `keep` holds a device copy of large boundary sets alive until
+// the launch has been enqueued (the caching allocator orders its reuse on the stream).
+void fill_args(CudaArgs& a, const Setup& s, bool with_bounds, const at::Device& device,
+               at::Tensor& keep) {
+  std::memset(&a, 0, sizeof(a));
+  fill_channel_params<float>(s.ch, static_cast<int32_t>(s.num_codebooks), s.hard_clamp,
+                             s.index64, a.p);
+  a.ext_bounds = nullptr;
+  if (!with_bounds) return;
+  const std::vector<float> b = make_kernel_bounds<float>(s.ch, a.p, 1);
+  if (b.size() <= static_cast<size_t>(kInlineBounds)) {
+    std::copy(b.begin(), b.end(), a.bounds);
+  } else {
+    at::Tensor host = at::empty({static_cast<int64_t>(b.size())},
+                                at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
+    std::memcpy(host.data_ptr<float>(), b.data(), b.size() * sizeof(float));
+    keep = host.to(device, /*non_blocking=*/true);
+    a.ext_bounds = keep.const_data_ptr<float>();
+  }
+}
+
+template <int NOPS>
+void copy_geom(TokenGeom<3>& dst, const TokenGeom<NOPS>& src) {
+  dst.ndim = src.ndim;
+  dst.ntok = src.ntok;
+  for (int k = 0; k < src.ndim; ++k) {
+    dst.size[k] = src.size[k];
+    for (int op = 0; op < NOPS; ++op) dst.stride[op][k] = src.stride[op][k];
+  }
+  for (int op = 0; op < NOPS; ++op) dst.cstride[op] = src.cstride[op];
+}
+
+// 128-bit path: every operand channel-contiguous, 16-byte aligned at every token and codebook.
+template <int NOPS>
+bool can_vectorize(const TokenGeom<NOPS>& g, const void* const* ptrs, int64_t d, int64_t esize) {
+  if ((d * esize) % 16 != 0) return false;
+  for (int op = 0; op < NOPS; ++op) {
+    if (g.cstride[op] != 1) return false;
+    if (reinterpret_cast<uintptr_t>(ptrs[op]) % 16 != 0) return false;
+    for (int k = 0; k < g.ndim; ++k)
+      if ((g.stride[op][k] * esize) % 16 != 0) return false;
+  }
+  return true;
+}
+
+int64_t grid_for(int64_t nwork) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = (nwork + kThreads - 1) / kThreads;
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, sms * 16));
+}
+
+void check_cuda_dtype(const char* op, const char* name, at::ScalarType t) {
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, ": ", name,
+                   " on CUDA must be float32, float16 or bfloat16 (float64 runs on the CPU "
+                   "backends), got ",
+                   t);
+}
+
+#define FSQ_DISPATCH_CUDA_FLOATS(TYPE, NAME, ...)                                         \
+  switch (TYPE) {                                                                         \
+    case at::kFloat: {                                                                    \
+      using scalar_t = float;                                                             \
+      __VA_ARGS__();                                                                      \
+      break;                                                                              \
+    }                                                                                     \
+    case at::kHalf: {                                                                     \
+      using scalar_t = at::Half;                                                          \
+      __VA_ARGS__();                                                                      \
+      break;                                                                              \
+    }                                                                                     \
+    case at::kBFloat16: {                                                                 \
+      using scalar_t = at::BFloat16;                                                      \
+      __VA_ARGS__();                                                                      \
+      break;                                                                              \
+    }                                                                                     \
+    default:                                                                              \
+      TORCH_CHECK_TYPE(false, NAME, ": unsupported dtype ", TYPE);                        \
+  }
+
+std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& z, c10::IntArrayRef levels,
+                                                 c10::string_view variant, bool hard_clamp,
+                                                 bool channel_first, int64_t num_codebooks,
+                                                 bool return_indices) {
+  const char* op = "fsq.quantize";
+  const Setup s = make_setup(op, levels, variant, hard_clamp, num_codebooks);
+  check_float_input(op, "z", z);
+  check_cuda_dtype(op, "z", z.scalar_type());
+  check_z_shape(op, "z", z, s, channel_first);
+  const c10::cuda::OptionalCUDAGuard guard(z.device());
+  at::Tensor codes = at::empty_like(z);
+  at::Tensor idx = return_indices
+                       ? at::empty(index_shape(z.sizes(), channel_first, num_codebooks),
+                                   z.options().dtype(index_dtype(s)))
+                       : at::empty({0}, z.options().dtype(index_dtype(s)));
+  if (z.numel() == 0) return {codes, idx};
+  CudaArgs a;
+  at::Tensor keep;
+  fill_args(a, s, true, z.device(), keep);
+  const c10::IntArrayRef strides[2] = {z.strides(), codes.strides()};
+  const TokenGeom<2> g = make_geom<2>(z.sizes(), strides, channel_dim(z.dim(), channel_first));
+  copy_geom(a.g, g);
+  a.nwork = g.ntok * s.num_codebooks;
+  const void* ptrs[2] = {z.const_data_ptr(), codes.const_data_ptr()};
+  a.vec = can_vectorize<2>(g, ptrs, s.d, z.element_size()) ? 1 : 0;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  FSQ_DISPATCH_CUDA_FLOATS(z.scalar_type(), op, [&] {
+    fsq_forward_kernel<scalar_t><<<grid_for(a.nwork), kThreads, 0, stream>>>(
+        a, z.const_data_ptr<scalar_t>(), codes.mutable_data_ptr<scalar_t>(),
+        return_indices ? idx.mutable_data_ptr() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {codes, idx};
+}
+
+at::Tensor quantize_backward_cuda(const at::Tensor& grad_codes, const at::Tensor& z,
+                                  c10::IntArrayRef levels, c10::string_view variant,
+                                  bool hard_clamp, bool channel_first, int64_t num_codebooks) {
+  const char* op = "fsq.quantize_backward";
+  const Setup s = make_setup(op, levels, variant, hard_clamp, num_codebooks);
+  check_float_input(op, "z", z);
+  check_cuda_dtype(op, "z", z.scalar_type());
+  check_z_shape(op, "z", z, s, channel_first);
+  TORCH_CHECK_VALUE(grad_codes.sizes() == z.sizes(), op,
+                    ": grad_codes must have the shape of z ", z.sizes(), ", got ",
+                    grad_codes.sizes());
+  TORCH_CHECK_TYPE(grad_codes.scalar_type() == z.scalar_type(), op,
+                   ": grad_codes must have the dtype of z (", z.scalar_type(), "), got ",
+                   grad_codes.scalar_type());
+  TORCH_CHECK_VALUE(grad_codes.device() == z.device(), op,
+                    ": grad_codes must be on the device of z (", z.device(), "), got ",
+                    grad_codes.device());
+  const c10::cuda::OptionalCUDAGuard guard(z.device());
+  at::Tensor gz = at::empty_like(z);
+  if (z.numel() == 0) return gz;
+  CudaArgs a;
+  at::Tensor keep;
+  fill_args(a, s, false, z.device(), keep);
+  const c10::IntArrayRef strides[3] = {z.strides(), grad_codes.strides(), gz.strides()};
+  const TokenGeom<3> g = make_geom<3>(z.sizes(), strides, channel_dim(z.dim(), channel_first));
+  a.g = g;
+  a.nwork = g.ntok * s.num_codebooks;
+  const void* ptrs[3] = {z.const_data_ptr(), grad_codes.const_data_ptr(), gz.const_data_ptr()};
+  a.vec = can_vectorize<3>(g, ptrs, s.d, z.element_size()) ? 1 : 0;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  FSQ_DISPATCH_CUDA_FLOATS(z.scalar_type(), op, [&] {
+    fsq_backward_kernel<scalar_t><<<grid_for(a.nwork), kThreads, 0, stream>>>(
+        a, z.const_data_ptr<scalar_t>(), grad_codes.const_data_ptr<scalar_t>(),
+        gz.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gz;
+}
+
+at::Tensor indices_to_codes_cuda(const at::Tensor& indices, c10::IntArrayRef levels,
+                                 c10::string_view variant, bool channel_first,
+                                 int64_t num_codebooks, at::ScalarType dtype) {
+  const char* op = "fsq.indices_to_codes";
+  const Setup s = make_setup(op, levels, variant, false, num_codebooks);
+  TORCH_CHECK_TYPE(at::isIntegralType(indices.scalar_type(), /*includeBool=*/false), op,
+                   ": indices must be an integer tensor, got dtype ", indices.scalar_type());
+  check_cuda_dtype(op, "dtype", dtype);
+  const c10::cuda::OptionalCUDAGuard guard(indices.device());
+  at::Tensor out = at::empty(decode_shape(op, indices.sizes(), channel_first, s),
+                             indices.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  const bool i64 = indices.scalar_type() == at::kLong;
+  const at::Tensor idx =
+      (i64 || indices.scalar_type() == at::kInt) ? indices.contiguous() : indices.to(at::kLong);
+  CudaArgs a;
+  at::Tensor keep;
+  fill_args(a, s, false, indices.device(), keep);
+  const c10::IntArrayRef strides[1] = {out.strides()};
+  const TokenGeom<1> g = make_geom<1>(out.sizes(), strides, channel_dim(out.dim(), channel_first));
+  copy_geom(a.g, g);
+  a.nwork = g.ntok * s.num_codebooks;
+  const void* ptrs[1] = {out.const_data_ptr()};
+  a.vec = can_vectorize<1>(g, ptrs, s.d, out.element_size()) ? 1 : 0;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  FSQ_DISPATCH_CUDA_FLOATS(dtype, op, [&] {
+    fsq_decode_kernel<scalar_t><<<grid_for(a.nwork), kThreads, 0, stream>>>(
+        a, idx.const_data_ptr(), idx.scalar_type() == at::kLong ? 1 : 0, s.prod,
+        out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsq, CUDA, m) {
+  m.impl("quantize", &quantize_cuda);
+  m.impl("quantize_backward", &quantize_backward_cuda);
+  m.impl("indices_to_codes", &indices_to_codes_cuda);
+}
+
+}  // namespace fsq

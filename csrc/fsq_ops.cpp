@@ -1,0 +1,37 @@
+// fsq_ops.cpp: schemas of the fsq:: ops and the Python module `fsq_kernels._C`, whose import
+// registers them (the CPU and CUDA implementations register themselves in fsq_cpu.cpp and
+// fsq_cuda.cu). Fake (meta) implementations and autograd live in fsq_kernels/ops/native.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef FSQ_WITH_CUDA
+#define FSQ_WITH_CUDA 0
+#endif
+
+TORCH_LIBRARY(fsq, m) {
+  // indices: an empty int tensor when return_indices is False
+  m.def(
+      "quantize(Tensor z, int[] levels, str variant, bool hard_clamp, bool channel_first, "
+      "int num_codebooks, bool return_indices) -> (Tensor, Tensor)");
+  m.def(
+      "quantize_backward(Tensor grad_codes, Tensor z, int[] levels, str variant, bool hard_clamp, "
+      "bool channel_first, int num_codebooks) -> Tensor");
+  m.def(
+      "indices_to_codes(Tensor indices, int[] levels, str variant, bool channel_first, "
+      "int num_codebooks, ScalarType dtype) -> Tensor");
+}
+
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef def = {
+      PyModuleDef_HEAD_INIT, "_C",
+      "fsq_kernels native extension: importing it registers the fsq:: torch ops.", -1, nullptr};
+  PyObject* mod = PyModule_Create(&def);
+  if (mod == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(mod, "WITH_CUDA", FSQ_WITH_CUDA) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}
+}

@@ -1,0 +1,383 @@
+"""The C++ extension (`fsq_kernels._C`, csrc/) on CPU against the float64 reference.
+
+Skipped as a whole when the extension is not built. CUDA kernels are exercised by the op-level
+tests when FSQ_TEST_DEVICE=cuda (here: CPU kernels only, for real).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fsq_kernels import reference
+from fsq_kernels.ops import native
+
+from .conftest import (
+    GRAD_TOLERANCE,
+    LARGE_LEVELS,
+    TABLE1_LEVELS,
+    VARIANT_CLAMPS,
+    assert_matches_reference,
+    expected_grad,
+)
+
+pytestmark = pytest.mark.skipif(not native.is_available("cpu"), reason="fsq_kernels._C is not built")
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+LEVEL_SETS = TABLE1_LEVELS + [(2, 3, 4)] + LARGE_LEVELS
+LAYOUTS = ["cl2d", "cl3d", "cf4d", "cf5d", "cl_strided", "cf_channels_last", "cl_transposed"]
+
+
+def make_z(layout: str, n: int, channels: int, dtype: torch.dtype, seed: int = 0, scale: float = 1.5):
+    """z of about n tokens in one of the layouts; returns (z, channel_first)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    if layout == "cl2d":
+        return rnd(n, channels), False
+    if layout == "cl3d":
+        return rnd(2, n, channels), False
+    if layout == "cf4d":
+        return rnd(2, channels, n, 3), True
+    if layout == "cf5d":
+        return rnd(1, channels, 2, n, 2), True
+    if layout == "cl_strided":  # channel stride 2, token stride 2C
+        return rnd(n, 2 * channels)[:, ::2], False
+    if layout == "cf_channels_last":  # (B, C, H, W) stored channels-last: a permuted dense view
+        return rnd(2, channels, 3, n).contiguous(memory_format=torch.channels_last), True
+    if layout == "cl_transposed":  # (n, C) view of a (C, n) tensor: channel stride n
+        return rnd(channels, n).t(), False
+    raise AssertionError(layout)
+
+
+def inject_specials(z: torch.Tensor, levels, variant: str, hard_clamp: bool, channel_first: bool) -> torch.Tensor:
+    """Exact float-cast level boundaries (the tie rule), +-inf and a NaN, written into z (in place,
+    through a channel-last view, whatever z's layout)."""
+    x = z.movedim(1, -1) if channel_first else z
+    token_shape = x.shape[:-1]
+    if math.prod(token_shape) < 4:
+        return z
+
+    def token(t):
+        return tuple(int(i) for i in np.unravel_index(t, token_shape))
+
+    d = len(levels)
+    bounds = reference.level_boundaries(levels, variant, hard_clamp)
+    for i in range(d):
+        finite = [b for b in bounds[i] if abs(b) != float("inf")]
+        if finite:
+            x[token(0) + (i,)] = torch.tensor(finite[len(finite) // 2], dtype=torch.float64).to(z.dtype)
+    x[token(1) + (0,)] = float("inf")
+    x[token(2) + (x.shape[-1] - 1,)] = float("-inf")
+    x[token(3) + (d - 1,)] = float("nan")
+    return z
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("levels", LEVEL_SETS, ids=str)
+@pytest.mark.parametrize("variant,hard_clamp", VARIANT_CLAMPS)
+def test_forward_matrix(variant, hard_clamp, levels, dtype):
+    """Every layout x num_codebooks at a small size, with boundary values, inf and NaN."""
+    for layout in LAYOUTS:
+        for num_codebooks in (1, 2):
+            channels = len(levels) * num_codebooks
+            z, channel_first = make_z(layout, 7, channels, dtype, seed=hash((layout, num_codebooks)) % 1000)
+            if layout in ("cl2d", "cf4d", "cl_transposed", "cf_channels_last"):
+                z = inject_specials(z, levels, variant, hard_clamp, channel_first)
+            codes, indices = native.quantize(z, levels, variant, hard_clamp, channel_first, num_codebooks, True)
+            assert codes.stride() == torch.empty_like(z).stride()
+            assert_matches_reference(
+                codes, indices, z, levels, variant=variant, hard_clamp=hard_clamp,
+                channel_first=channel_first, num_codebooks=num_codebooks,
+            )
+
+
+@pytest.mark.parametrize("n", [1, 7, 1003])
+@pytest.mark.parametrize("levels", [(8, 5, 5, 5), (300, 7)], ids=str)
+@pytest.mark.parametrize("variant,hard_clamp", VARIANT_CLAMPS)
+def test_forward_sizes(variant, hard_clamp, levels, n):
+    for dtype, layout, num_codebooks in [(torch.float32, "cl2d", 1), (torch.bfloat16, "cf4d", 2),
+                                         (torch.float64, "cl_strided", 2)]:
+        z, channel_first = make_z(layout, n, len(levels) * num_codebooks, dtype, seed=n, scale=2.5)
+        codes, indices = native.quantize(z, levels, variant, hard_clamp, channel_first, num_codebooks, True)
+        assert_matches_reference(codes, indices, z, levels, variant=variant, hard_clamp=hard_clamp,
+                                 channel_first=channel_first, num_codebooks=num_codebooks)
+        codes_only, none = native.quantize(z, levels, variant, hard_clamp, channel_first, num_codebooks, False)
+        assert none is None
+        assert torch.equal(codes_only.nan_to_num(7.0), codes.nan_to_num(7.0))
+
+
+def test_window_is_the_only_mismatch_dense():
+    """Dense sweep across the boundaries of [8,5,5,5]: mismatches only inside the window."""
+    levels = (8, 5, 5, 5)
+    z = torch.linspace(-4, 4, 200_001, dtype=torch.float32).unsqueeze(-1).expand(-1, 4).contiguous()
+    for variant, hard_clamp in VARIANT_CLAMPS:
+        codes, indices = native.quantize(z, levels, variant, hard_clamp, False, 1, True)
+        assert_matches_reference(codes, indices, z, levels, variant=variant, hard_clamp=hard_clamp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant,hard_clamp", VARIANT_CLAMPS)
+def test_backward(variant, hard_clamp, dtype):
+    tol = GRAD_TOLERANCE[dtype]
+    for levels in [(8, 5, 5, 5), (2, 3, 4), (300, 7)]:
+        for layout, num_codebooks in [("cl2d", 1), ("cf4d", 2), ("cl_transposed", 1), ("cf_channels_last", 2)]:
+            z, channel_first = make_z(layout, 33, len(levels) * num_codebooks, dtype, seed=3)
+            z.requires_grad_(True)
+            codes, _ = native.quantize(z, levels, variant, hard_clamp, channel_first, num_codebooks, True)
+            g = torch.randn(codes.shape, dtype=torch.float64).to(dtype)
+            (grad_z,) = torch.autograd.grad(codes, z, g)
+            assert grad_z.dtype == dtype and grad_z.shape == z.shape
+            want = g.to(torch.float64) * expected_grad(z, levels, variant, hard_clamp, channel_first, num_codebooks)
+            if dtype in (torch.float32, torch.float64):
+                torch.testing.assert_close(grad_z.to(torch.float64), want, **tol)
+            else:
+                torch.testing.assert_close(grad_z, want.to(dtype))
+
+
+def test_backward_expanded_grad_and_nan():
+    """sum().backward() hands the kernel a stride-0 grad; a NaN z has a NaN (tanh) gradient."""
+    z = torch.randn(5, 8, dtype=torch.float32)
+    z[0, 0] = float("nan")
+    z.requires_grad_(True)
+    codes, _ = native.quantize(z, (8, 5, 5, 5), "paper", False, False, 2, False)
+    codes.sum().backward()
+    want = expected_grad(z, (8, 5, 5, 5), "paper", False, False, 2)
+    torch.testing.assert_close(z.grad.double(), want, rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert torch.isnan(z.grad[0, 0])
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS, ids=str)
+def test_decode_whole_grid(levels):
+    size = reference.codebook_size(levels)
+    idx = torch.arange(size, dtype=reference.index_dtype(levels))
+    for variant in ("paper", "symmetric"):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            codes = native.indices_to_codes(idx, levels, variant, False, 1, dtype)
+            want = reference.indices_to_codes(idx, levels, variant=variant, dtype=dtype)
+            assert codes.dtype == dtype
+            assert torch.equal(codes, want)
+        codes = native.indices_to_codes(idx, levels, variant, False, 1, torch.float32)
+        assert torch.equal(reference.codes_to_indices(codes, levels, variant=variant), idx)
+        # symmetric + hard_clamp maps the grid onto itself: quantize(decode(i)) == i
+        if variant == "symmetric":
+            _, back = native.quantize(codes, levels, variant, True, False, 1, True)
+            assert torch.equal(back, idx)
+
+
+def test_decode_layouts_and_codebooks():
+    levels = (8, 5, 5, 5)
+    idx = torch.randint(0, 1000, (2, 3, 4, 2), dtype=torch.int64)
+    for channel_first in (False, True):
+        got = native.indices_to_codes(idx, levels, "atanh", channel_first, 2, torch.float16)
+        want = reference.indices_to_codes(idx, levels, variant="atanh", channel_first=channel_first,
+                                          num_codebooks=2, dtype=torch.float16)
+        assert got.shape == want.shape and torch.equal(got, want)
+    # non-contiguous int32 indices
+    idx32 = torch.randint(0, 1000, (6, 4), dtype=torch.int32).t()
+    torch.testing.assert_close(native.indices_to_codes(idx32, levels, "paper", False, 1, None),
+                               reference.indices_to_codes(idx32, levels), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [-1, 1000])
+def test_decode_out_of_range_is_value_error(bad):
+    idx = torch.tensor([0, 5, bad, 7])
+    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+        torch.ops.fsq.indices_to_codes(idx, [8, 5, 5, 5], "paper", False, 1, torch.float32)
+
+
+def test_int64_indices():
+    levels = (65536, 65537)  # prod > 2^31 - 1
+    z = torch.randn(100, 2, dtype=torch.float64) * 3
+    codes, indices = native.quantize(z, levels, "atanh", False, False, 1, True)
+    assert indices.dtype == torch.int64
+    assert_matches_reference(codes, indices, z, levels, variant="atanh")
+    back = native.indices_to_codes(indices, levels, "atanh", False, 1, torch.float64)
+    assert torch.equal(back, reference.indices_to_codes(indices, levels, variant="atanh", dtype=torch.float64))
+
+
+def test_paper_large_level_unreachable_ends():
+    """paper with L >= 1002: infinite boundaries; -inf/+inf land on the outermost reachable levels."""
+    levels = (1500, 3)
+    z = torch.tensor([[float("-inf"), 0.0], [float("inf"), 0.0], [-30.0, 1.0], [30.0, -1.0], [0.1, 0.2]])
+    codes, indices = native.quantize(z, levels, "paper", False, False, 1, True)
+    assert_matches_reference(codes, indices, z, levels, variant="paper")
+    _, ref_i = reference.quantize(z.double(), levels, variant="paper")
+    assert torch.equal(indices[:2], ref_i[:2]) and bool((indices >= 0).all())
+    k = indices % 1500  # level index of channel 0
+    assert 0 < k[0] < 1500 // 2 < k[1] < 1499  # the outermost levels are out of reach
+
+
+def test_nan_inf_empty():
+    levels = (8, 5, 5, 5)
+    z = torch.zeros(3, 8)
+    z[0, 1] = float("nan")  # codebook 0 of token 0
+    z[1, 4] = float("inf")
+    z[2, 7] = float("-inf")
+    codes, indices = native.quantize(z, levels, "paper", False, False, 2, True)
+    assert indices[0, 0] == -1 and indices[0, 1] >= 0
+    assert torch.isnan(codes[0, 1]) and not torch.isnan(codes[0, [0, 2, 3]]).any()
+    assert codes[1, 4] == 0.75 and codes[2, 7] == -1.0
+    for shape, channel_first in [((0, 4), False), ((2, 4, 0, 3), True), ((0, 4, 5), True)]:
+        z = torch.empty(shape)
+        codes, indices = native.quantize(z, levels, "paper", False, channel_first, 1, True)
+        assert codes.shape == z.shape
+        assert indices.shape == reference.quantize(z, levels, channel_first=channel_first)[1].shape
+        gz = torch.ops.fsq.quantize_backward(codes, z, list(levels), "paper", False, channel_first, 1)
+        assert gz.shape == z.shape
+    out = native.indices_to_codes(torch.empty(0, 3, dtype=torch.int32), levels, "paper", True, 1, None)
+    assert out.shape == (0, 4, 3)
+
+
+def test_bitwise_deterministic_across_runs_and_threads():
+    levels = (8, 5, 5, 5)
+    z = torch.randn(1 << 16, 8) * 2
+    g = torch.randn_like(z)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            c, i = torch.ops.fsq.quantize(z, list(levels), "paper", False, False, 2, True)
+            gz = torch.ops.fsq.quantize_backward(g, z, list(levels), "paper", False, False, 2)
+            dec = torch.ops.fsq.indices_to_codes(i, list(levels), "paper", False, 2, torch.float32)
+            outs.append((c, i, gz, dec))
+    finally:
+        torch.set_num_threads(prev)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_errors_name_the_argument():
+    z = torch.randn(4, 4)
+    q = torch.ops.fsq.quantize
+    with pytest.raises(ValueError, match="levels"):
+        q(z, [], "paper", False, False, 1, True)
+    with pytest.raises(ValueError, match="level"):
+        q(z, [8, 1, 5, 5], "paper", False, False, 1, True)
+    with pytest.raises(ValueError, match="hard_clamp"):
+        q(z, [8, 5, 5, 5], "paper", True, False, 1, True)
+    with pytest.raises(ValueError, match="variant"):
+        q(z, [8, 5, 5, 5], "tanh", False, False, 1, True)
+    with pytest.raises(ValueError, match="channels"):
+        q(z, [8, 5, 5], "paper", False, False, 1, True)
+    with pytest.raises(ValueError, match="num_codebooks"):
+        q(z, [8, 5, 5, 5], "paper", False, False, 0, True)
+    with pytest.raises(TypeError, match="z must be a floating tensor"):
+        q(torch.ones(4, 4, dtype=torch.int64), [8, 5, 5, 5], "paper", False, False, 1, True)
+    with pytest.raises(TypeError, match="indices must be an integer tensor"):
+        torch.ops.fsq.indices_to_codes(torch.ones(4), [8, 5, 5, 5], "paper", False, 1, torch.float32)
+    with pytest.raises(ValueError, match="num_codebooks"):
+        torch.ops.fsq.indices_to_codes(torch.ones(4, 3, dtype=torch.int64), [8, 5, 5, 5], "paper", False, 2,
+                                       torch.float32)
+
+
+OPCHECK_CASES = [
+    ((torch.float32, "cl2d", 1, (8, 5, 5, 5), "paper", False, True)),
+    ((torch.bfloat16, "cf4d", 2, (8, 6, 5), "symmetric", True, True)),
+    ((torch.float64, "cl_strided", 1, (300, 7), "atanh", False, False)),
+]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_opcheck(case):
+    dtype, layout, num_codebooks, levels, variant, hard_clamp, return_indices = case
+    z, channel_first = make_z(layout, 9, len(levels) * num_codebooks, dtype, seed=1)
+    z.requires_grad_(True)
+    args = (z, list(levels), variant, hard_clamp, channel_first, num_codebooks, return_indices)
+    torch.library.opcheck(torch.ops.fsq.quantize.default, args)
+    g = torch.randn(z.shape).to(dtype)
+    torch.library.opcheck(torch.ops.fsq.quantize_backward.default,
+                          (g, z.detach(), list(levels), variant, hard_clamp, channel_first, num_codebooks))
+    _, idx = native.quantize(z.detach(), levels, variant, hard_clamp, channel_first, num_codebooks, True)
+    torch.library.opcheck(torch.ops.fsq.indices_to_codes.default,
+                          (idx, list(levels), variant, channel_first, num_codebooks, dtype))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    levels = (8, 5, 5, 5)
+
+    def f(z):
+        codes, indices = native.quantize(z, levels, "paper", False, True, 1, True)
+        return (codes * 2).sum(), indices
+
+    z = torch.randn(2, 4, 5, 6, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
+    loss, indices = compiled(z)
+    loss.backward()
+    grad = z.grad.clone()
+    z.grad = None
+    loss_ref, indices_ref = f(z)
+    loss_ref.backward()
+    assert torch.equal(indices, indices_ref)
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(grad, z.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels (run only where the extension was built with CUDA and a GPU is visible): they
+# compare z against the same float32 boundaries as the CPU kernels, so indices and codes must be
+# identical to the CPU kernels' bit for bit; gradients agree to float32 rounding.
+# ---------------------------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not native.is_available("cuda"), reason="extension built without CUDA or no GPU")
+
+CUDA_CASES = [
+    # (levels, num_codebooks, layout, dtype): [8,5,5,5] fp32 channel-last and 8 bf16 channels take
+    # the 128-bit path; the others the strided one; (1500, 3) keeps its boundaries in device memory
+    ((8, 5, 5, 5), 1, "cl2d", torch.float32),
+    ((8, 5, 5, 5), 2, "cf4d", torch.float16),
+    ((8, 8, 8, 6, 5, 5, 5, 5), 1, "cl3d", torch.bfloat16),
+    ((7, 5, 5, 5, 5), 1, "cl_strided", torch.float32),
+    ((300, 7), 2, "cf_channels_last", torch.float32),
+    ((1500, 3), 1, "cl_transposed", torch.bfloat16),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("variant,hard_clamp", VARIANT_CLAMPS)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: f"{c[0]}-{c[2]}-{c[3]}")
+def test_cuda_matches_cpu(case, variant, hard_clamp):
+    levels, num_codebooks, layout, dtype = case
+    if variant != "paper" and 1500 in levels:
+        pytest.skip("large-L case only for paper")
+    z, channel_first = make_z(layout, 1003, len(levels) * num_codebooks, dtype, seed=5, scale=2.0)
+    inject_specials(z, levels, variant, hard_clamp, channel_first)
+    zc = z.cuda()
+    args = (levels, variant, hard_clamp, channel_first, num_codebooks)
+    codes, indices = native.quantize(z, *args, True)
+    codes_c, indices_c = native.quantize(zc, *args, True)
+    assert codes_c.stride() == torch.empty_like(zc).stride()
+    assert torch.equal(indices_c.cpu(), indices)
+    assert torch.equal(codes_c.cpu().nan_to_num(9.0), codes.nan_to_num(9.0))
+    g = torch.randn(z.shape).to(dtype)
+    gz = torch.ops.fsq.quantize_backward(g, z, list(levels), variant, hard_clamp, channel_first, num_codebooks)
+    gz_c = torch.ops.fsq.quantize_backward(g.cuda(), zc, list(levels), variant, hard_clamp, channel_first, num_codebooks)
+    torch.testing.assert_close(gz_c.cpu(), gz, equal_nan=True, rtol=1e-5 if dtype == torch.float32 else None,
+                               atol=1e-7 if dtype == torch.float32 else None)
+    ok = indices.clamp_min(0)
+    dec = native.indices_to_codes(ok, levels, variant, channel_first, num_codebooks, dtype)
+    dec_c = native.indices_to_codes(ok.cuda(), levels, variant, channel_first, num_codebooks, dtype)
+    assert torch.equal(dec_c.cpu(), dec)
+
+
+@cuda_only
+def test_cuda_decode_out_of_range_is_nan_and_autograd():
+    levels = (8, 5, 5, 5)
+    idx = torch.tensor([0, -1, 1000, 999], device="cuda", dtype=torch.int32)
+    codes = native.indices_to_codes(idx, levels, "paper", False, 1, torch.float32)
+    assert torch.isnan(codes[1:3]).all() and not torch.isnan(codes[[0, 3]]).any()
+    z = torch.randn(64, 4, device="cuda", requires_grad=True)
+    out, _ = native.quantize(z, levels, "paper", False, False, 1, True)
+    out.sum().backward()
+    want = expected_grad(z, levels, "paper", False, False, 1)
+    torch.testing.assert_close(z.grad.cpu().double(), want, rtol=1e-4, atol=1e-6)
+    empty = native.quantize(torch.empty(0, 4, device="cuda"), levels, "paper", False, False, 1, True)
+    assert empty[0].shape == (0, 4) and empty[1].shape == (0,)
