@@ -11,10 +11,19 @@ STAMP := .build-stamp
 
 .PHONY: install test demo bench clean
 
+SHELL := /bin/bash
+# Without nvcc only the CPU kernels build, and there is no ptxas output to check.
+PTXAS_FLAGS := $(if $(shell command -v nvcc || test -x /usr/local/cuda/bin/nvcc && echo yes),,--allow-empty)
+
+# The extension builds against the installed torch (--no-build-isolation); -v keeps ptxas's
+# register/spill report in build/build.log, and check_ptxas.py fails the build on any spill.
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
-	$(PIP) install --quiet setuptools wheel ninja pybind11
-	$(PIP) install --no-build-isolation -e ".[test,train,bench]"
+	$(PIP) install --quiet "setuptools>=77" wheel ninja pybind11
+	mkdir -p build
+	set -o pipefail; MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -v -e ".[test,train,bench]" \
+		> build/build.log 2>&1 || { tail -n 60 build/build.log; exit 1; }
+	$(PYTHON) scripts/check_ptxas.py $(PTXAS_FLAGS) build/build.log
 	touch $(STAMP)
 
 install: $(STAMP)
