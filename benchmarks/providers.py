@@ -36,6 +36,7 @@ class Case:
     layout: str
     tokens: int
     device: str = "cpu"
+    stages: int = 0  # > 0: ResidualFSQ with this many stages (vector-quantize-pytorch's defaults)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -45,9 +46,17 @@ class Case:
     def channel_first(self) -> bool:
         return self.layout == "channel-first"
 
+    @property
+    def op(self) -> str:
+        return "residual_quantize" if self.stages else "quantize"
+
+    @property
+    def quantizer(self) -> str:
+        return f"ResidualFSQ-{self.stages}" if self.stages else "FSQ"
+
     def label(self) -> str:
         levels = "x".join(map(str, self.levels))
-        return f"{self.mode}-{self.dtype}-{levels}-{self.layout}-2^{int(math.log2(self.tokens))}"
+        return f"{self.quantizer}-{self.mode}-{self.dtype}-{levels}-{self.layout}-2^{int(math.log2(self.tokens))}"
 
 
 def make_input(case: Case, seed: int = 0) -> torch.Tensor:
@@ -84,6 +93,11 @@ def minimal_bytes(case: Case) -> int:
 
 def _fsq_kernels_quantize(backend: str) -> Callable:
     def quantize(z: torch.Tensor, case: Case):
+        if case.stages:
+            return fsq_kernels.residual_quantize(
+                z, case.levels, case.stages, soft_clamp=fsq_kernels.reference.residual_soft_clamp(case.levels),
+                channel_first=case.channel_first, backend=backend,
+            )
         return fsq_kernels.quantize(z, case.levels, variant=VARIANT, channel_first=case.channel_first, backend=backend)
 
     def decode(indices: torch.Tensor, case: Case):
@@ -96,16 +110,21 @@ def _fsq_kernels_quantize(backend: str) -> Callable:
 
 def _vqp_functions(compiled: bool):
     from vector_quantize_pytorch import FSQ as PeerFSQ
+    from vector_quantize_pytorch import ResidualFSQ as PeerResidualFSQ
 
     modules: dict = {}
 
     def module(case: Case):
-        key = (case.levels, case.channel_first)
+        key = (case.levels, case.channel_first, case.stages)
         if key not in modules:
-            peer = PeerFSQ(list(case.levels), channel_first=case.channel_first).to(case.device)
-            forward, decode = peer.forward, peer.indices_to_codes
+            if case.stages:
+                peer = PeerResidualFSQ(levels=list(case.levels), num_quantizers=case.stages, is_channel_first=case.channel_first)
+            else:
+                peer = PeerFSQ(list(case.levels), channel_first=case.channel_first)
+            peer = peer.to(case.device)
+            forward, decode = peer.forward, getattr(peer, "indices_to_codes", None)
             if compiled:
-                forward, decode = torch.compile(forward), torch.compile(decode)
+                forward, decode = torch.compile(forward), decode and torch.compile(decode)
             modules[key] = (forward, decode)
         return modules[key]
 
@@ -118,13 +137,13 @@ def _vqp_functions(compiled: bool):
     return quantize, decode
 
 
-def _backend_available(backend: str, device: str) -> bool:
+def _backend_available(backend: str, device: str, op: str = "quantize") -> bool:
     if backend == "triton" and device == "cpu":
         return False  # the interpreter is a correctness tool, not a benchmark provider
-    return backend in fsq_kernels.available_backends()
+    return backend in fsq_kernels.available_backends(op)
 
 
-def _vqp_available(device: str) -> bool:
+def _vqp_available(device: str, op: str) -> bool:
     try:
         import vector_quantize_pytorch  # noqa: F401
     except ImportError:
@@ -135,23 +154,23 @@ def _vqp_available(device: str) -> bool:
 @dataclass(frozen=True)
 class Provider:
     name: str
-    available: Callable[[str], bool]
+    available: Callable[[str, str], bool]  # (device, op) -> bool; op "quantize" or "residual_quantize"
     functions: Callable[[], tuple[Callable, Callable]]
     compiled: bool = False
 
 
 PROVIDERS = [
-    Provider("fsq_kernels[cpp]", lambda dev: dev == "cpu" and _backend_available("cpp", dev), lambda: _fsq_kernels_quantize("cpp")),
-    Provider("fsq_kernels[cuda]", lambda dev: dev == "cuda" and _backend_available("cuda", dev), lambda: _fsq_kernels_quantize("cuda")),
-    Provider("fsq_kernels[triton]", lambda dev: _backend_available("triton", dev), lambda: _fsq_kernels_quantize("triton")),
-    Provider("reference", lambda dev: True, lambda: _fsq_kernels_quantize("reference")),
+    Provider("fsq_kernels[cpp]", lambda dev, op: dev == "cpu" and _backend_available("cpp", dev, op), lambda: _fsq_kernels_quantize("cpp")),
+    Provider("fsq_kernels[cuda]", lambda dev, op: dev == "cuda" and _backend_available("cuda", dev, op), lambda: _fsq_kernels_quantize("cuda")),
+    Provider("fsq_kernels[triton]", lambda dev, op: _backend_available("triton", dev, op), lambda: _fsq_kernels_quantize("triton")),
+    Provider("reference", lambda dev, op: True, lambda: _fsq_kernels_quantize("reference")),
     Provider(VQP, _vqp_available, lambda: _vqp_functions(False)),
     Provider(VQP_COMPILED, _vqp_available, lambda: _vqp_functions(True), compiled=True),
 ]
 
 
-def available_providers(device: str, include_compiled: bool = True) -> list[Provider]:
-    return [p for p in PROVIDERS if p.available(device) and (include_compiled or not p.compiled)]
+def available_providers(device: str, include_compiled: bool = True, op: str = "quantize") -> list[Provider]:
+    return [p for p in PROVIDERS if p.available(device, op) and (include_compiled or not p.compiled)]
 
 
 def _codes(result):
@@ -165,6 +184,8 @@ def build(provider_functions: tuple[Callable, Callable], case: Case) -> Callable
     if case.mode == "forward":
         return lambda: quantize(z, case)
     if case.mode == "decode":
+        if case.stages:
+            raise ValueError("decode is benchmarked for FSQ, not ResidualFSQ")
         indices = fsq_kernels.quantize(z, case.levels, variant=VARIANT, channel_first=case.channel_first, backend="reference")[1]
         return lambda: decode(indices, case)
     z = z.requires_grad_(True)

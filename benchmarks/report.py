@@ -31,16 +31,19 @@ from .providers import (
 )
 
 CSV_COLUMNS = [
-    "provider", "mode", "dtype", "levels", "layout", "tokens", "median_ms", "ratio_to_floor",
+    "provider", "quantizer", "mode", "dtype", "levels", "layout", "tokens", "median_ms", "ratio_to_floor",
     "speedup_vs_vqp", "gbps", "aten_ops", "saved_bytes_per_element", "peak_mb",
 ]
 
 PRESETS = {
-    # name: (modes, dtypes, level sets, layouts, log2 token sizes, repetitions)
-    "quick": (MODES, ("fp32",), ((8, 5, 5, 5),), ("channel-last",), (12, 16), 5),
-    "headline": (("forward", "forward+backward"), ("fp32",), ((8, 5, 5, 5),), ("channel-last",), (22,), 7),
-    "full": (MODES, ("fp32", "bf16"), LEVEL_SETS, LAYOUTS, (10, 14, 18, 22), 7),
+    # name: (modes, dtypes, level sets, layouts, log2 token sizes, residual stage counts, repetitions)
+    # stage count 0 is plain FSQ; > 0 is ResidualFSQ (forward and forward+backward only).
+    "quick": (MODES, ("fp32",), ((8, 5, 5, 5),), ("channel-last",), (12, 16), (0,), 5),
+    "headline": (("forward", "forward+backward"), ("fp32",), ((8, 5, 5, 5),), ("channel-last",), (22,), (0,), 7),
+    "residual": (("forward", "forward+backward"), ("fp32",), ((8, 5, 5, 5),), ("channel-last",), (14, 20), (4, 8), 5),
+    "full": (MODES, ("fp32", "bf16"), LEVEL_SETS, LAYOUTS, (10, 14, 18, 22), (0, 4, 8), 7),
 }
+RESIDUAL_MODES = ("forward", "forward+backward")
 
 
 @dataclass
@@ -110,7 +113,7 @@ def run_case(case: Case, providers, reps: int) -> list[Row]:
         # Compiled graphs run generated kernels outside the dispatcher: their count means nothing.
         row.aten_ops = None if name == VQP_COMPILED else ops
         if name != FLOOR and case.mode in ("backward", "forward+backward"):
-            forward_case = Case("forward", case.dtype, case.levels, case.layout, case.tokens, case.device)
+            forward_case = Case("forward", case.dtype, case.levels, case.layout, case.tokens, case.device, case.stages)
             z_numel = case.tokens * len(case.levels)
             quantize = functions[name][0]
             z = make_input(forward_case).requires_grad_(True)
@@ -134,6 +137,7 @@ def to_records(rows: list[Row], device: str, bandwidth_gbps: float | None) -> li
             ms = row.median_ms
             records.append({
                 "provider": name if name != FLOOR else "floor (torch.tanh)",
+                "quantizer": case.quantizer,
                 "mode": case.mode,
                 "dtype": case.dtype,
                 "levels": "[" + ",".join(map(str, case.levels)) + "]",
@@ -175,13 +179,13 @@ def write_markdown(path: Path, records: list[dict], device: str, reps: int) -> N
         "`ops`: ATen ops dispatched by one call (a kernel launch each on a GPU). `saved B/el`: bytes kept for",
         "backward per input element. `peak MB`: live bytes of the tensors one call allocates.",
         "",
-        "| provider | mode | dtype | levels | layout | tokens | median ms | x floor | vs vqp | GB/s | ops | saved B/el | peak MB |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| provider | quantizer | mode | dtype | levels | layout | tokens | median ms | x floor | vs vqp | GB/s | ops | saved B/el | peak MB |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         tokens = f"2^{int(math.log2(r['tokens']))}"
         lines.append(
-            f"| {r['provider']} | {r['mode']} | {r['dtype']} | {r['levels']} | {r['layout']} | {tokens} | "
+            f"| {r['provider']} | {r['quantizer']} | {r['mode']} | {r['dtype']} | {r['levels']} | {r['layout']} | {tokens} | "
             f"{r['median_ms']:.3f} | {r['ratio_to_floor']:.2f} | {r['speedup_vs_vqp']} | {r['gbps']} | "
             f"{r['aten_ops']} | {r['saved_bytes_per_element']} | {r['peak_mb']} |"
         )
@@ -203,7 +207,8 @@ def write_plot(path: Path, records: list[dict]) -> None:
 
     # One panel per mode, for the first dtype/levels/layout in the run.
     first = records[0]
-    chosen = [r for r in records if (r["dtype"], r["levels"], r["layout"]) == (first["dtype"], first["levels"], first["layout"])]
+    key = ("quantizer", "dtype", "levels", "layout")
+    chosen = [r for r in records if all(r[k] == first[k] for k in key)]
     modes = [m for m in MODES if any(r["mode"] == m for r in chosen)]
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.8), squeeze=False)
     for ax, mode in zip(axes[0], modes):
@@ -219,7 +224,7 @@ def write_plot(path: Path, records: list[dict]) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("median time (ms)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"FSQ {first['levels']} {first['dtype']} {first['layout']}: time vs tokens (log-log)")
+    fig.suptitle(f"{first['quantizer']} {first['levels']} {first['dtype']} {first['layout']}: time vs tokens (log-log)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -235,20 +240,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     preset = "quick" if args.quick else (args.preset or "full")
-    modes, dtypes, level_sets, layouts, log2_sizes, reps = PRESETS[preset]
+    modes, dtypes, level_sets, layouts, log2_sizes, stage_counts, reps = PRESETS[preset]
     reps = args.reps or reps
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    providers = available_providers(device, include_compiled=not args.no_compile)
     cases = [
-        Case(mode, dtype, levels, layout, 2**k, device)
-        for levels in level_sets for dtype in dtypes for layout in layouts for k in log2_sizes for mode in modes
+        Case(mode, dtype, levels, layout, 2**k, device, stages)
+        for stages in stage_counts for levels in level_sets for dtype in dtypes for layout in layouts
+        for k in log2_sizes for mode in modes
+        if not stages or (mode in RESIDUAL_MODES and layout == "channel-last" and dtype == "fp32" and levels == (8, 5, 5, 5))
     ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{preset}: {len(cases)} cases x {len(providers)} providers ({', '.join(p.name for p in providers)}) on {device}")
+    names = {p.name for op in {c.op for c in cases} for p in available_providers(device, not args.no_compile, op)}
+    print(f"{preset}: {len(cases)} cases, providers {sorted(names)} on {device}")
     rows: list[Row] = []
     for case in tqdm(cases, desc="benchmark", unit="case"):
-        rows.extend(run_case(case, providers, reps))
+        rows.extend(run_case(case, available_providers(device, not args.no_compile, case.op), reps))
     records = to_records(rows, device, _copy_bandwidth_gbps(device) if device == "cuda" else None)
     write_markdown(out / "report.md", records, device, reps)
     write_csv(out / "report.csv", records)

@@ -31,10 +31,17 @@ def pytest_generate_tests(metafunc):
         Case(mode, dtype, levels, layout, 2**k, DEVICE)
         for mode in modes for dtype in DTYPES for levels in LEVEL_SETS for layout in LAYOUTS for k in sizes
     ]
-    metafunc.parametrize("case", cases, ids=[c.label() for c in cases])
     if "provider" in metafunc.fixturenames:
-        providers = [p for p in PROVIDERS if p.available(DEVICE) and not (smoke and p.compiled)]
-        metafunc.parametrize("provider", providers, ids=[p.name for p in providers])
+        # ResidualFSQ with 4 and 8 stages (vector-quantize-pytorch's defaults), channel-last.
+        cases += [
+            Case(mode, "fp32", (8, 5, 5, 5), "channel-last", 2**k, DEVICE, stages)
+            for mode in ("forward", "forward+backward") for stages in (4, 8) for k in sizes
+        ]
+        providers = [p for p in PROVIDERS if not (smoke and p.compiled)]
+        pairs = [(p, c) for c in cases for p in providers if p.available(DEVICE, c.op)]
+        metafunc.parametrize("provider,case", pairs, ids=[f"{p.name}-{c.label()}" for p, c in pairs])
+    else:
+        metafunc.parametrize("case", cases, ids=[c.label() for c in cases])
 
 
 def test_provider(benchmark, provider, case):
