@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstring>
 #include <sstream>
 #include <string>
@@ -200,6 +201,53 @@ inline TokenGeom<NOPS> make_geom(c10::IntArrayRef shape, const c10::IntArrayRef*
     for (int op = 0; op < NOPS; ++op) g.stride[op][k] = st[op][k];
   }
   return g;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Residual FSQ (fsq::residual_quantize): validation and per-call constants shared by CPU and CUDA.
+// ---------------------------------------------------------------------------------------------
+
+struct ResidualSetup {
+  Setup s;                       // the symmetric level set (one codebook)
+  int64_t num_stages = 1;
+  int64_t active_stages = 1;
+  bool soft = false;
+  std::vector<double> soft_clamp;  // one value per channel when `soft`
+  std::vector<float> scales;       // num_stages x d, float32 L^-s
+};
+
+inline ResidualSetup make_residual_setup(const char* op, c10::IntArrayRef levels,
+                                         int64_t num_stages, bool hard_clamp,
+                                         std::optional<c10::ArrayRef<double>> soft_clamp,
+                                         int64_t active_stages) {
+  ResidualSetup r;
+  r.s = make_setup(op, levels, "symmetric", hard_clamp, 1);
+  TORCH_CHECK_VALUE(num_stages >= 1, op, ": num_stages must be an int >= 1, got ", num_stages);
+  TORCH_CHECK_VALUE(active_stages >= 0 && active_stages <= num_stages, op,
+                    ": active_stages must be an int in [0, num_stages=", num_stages, "], got ",
+                    active_stages);
+  r.num_stages = num_stages;
+  r.active_stages = active_stages;
+  if (soft_clamp.has_value()) {
+    const c10::ArrayRef<double> c = *soft_clamp;
+    bool ok = static_cast<int64_t>(c.size()) == r.s.d;
+    for (double v : c) ok = ok && v > 0.0;
+    TORCH_CHECK_VALUE(ok, op, ": soft_clamp must hold ", r.s.d,
+                      " positive values (one per channel), got ", c.size(), " values");
+    r.soft = true;
+    r.soft_clamp.assign(c.begin(), c.end());
+  }
+  r.scales = residual_scales_f32(std::vector<int64_t>(levels.begin(), levels.end()), num_stages);
+  return r;
+}
+
+// Indices of residual FSQ: x's shape with the channel axis replaced by the stage axis
+// ((..., q) channel-last, (B, q, ...) channel-first), contiguous.
+inline std::vector<int64_t> residual_index_shape(c10::IntArrayRef xshape, bool channel_first,
+                                                 int64_t num_stages) {
+  std::vector<int64_t> out(xshape.begin(), xshape.end());
+  out[channel_dim(static_cast<int64_t>(xshape.size()), channel_first)] = num_stages;
+  return out;
 }
 
 }  // namespace fsq

@@ -1,4 +1,4 @@
-// fsq_cuda.cu: CUDA kernels of the fsq:: ops (forward, backward, decode).
+// fsq_cuda.cu: CUDA kernels of the fsq:: ops (forward, backward, decode, residual FSQ).
 //
 // One thread per (token, codebook), grid-stride loops. A thread reads the d <= 16 channels of
 // its codebook through strides (channel-first: adjacent threads read adjacent addresses) or, when
@@ -204,6 +204,127 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ----------------------------------------------------------------------------------------------
+// residual FSQ: one thread per token, every stage in registers (fsq_math.h residual_stage);
+// x read once, the sum written once, each stage's index written once. Stage scales and level
+// boundaries travel in the kernel arguments (or in device memory for large level sets).
+// ----------------------------------------------------------------------------------------------
+constexpr int kResInline = 640;  // floats: num_stages * d scales, then the boundaries
+
+struct ResidualCudaArgs {
+  TokenGeom<3> g;             // operands: x, out (grad_out), indices (grad_x)
+  int32_t d, num_stages, active_stages, hard_clamp, soft, index64, vec, bounds_off;
+  int32_t nb[kMaxChannels], boff[kMaxChannels];
+  int64_t basis[kMaxChannels];
+  float lm1[kMaxChannels], soft_c[kMaxChannels];
+  const float* ext;           // device copy of the table when it does not fit inline
+  float tab[kResInline];
+};
+static_assert(sizeof(ResidualCudaArgs) <= 4096, "kernel parameters must stay within 4 KiB");
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    fsq_residual_forward_kernel(const __grid_constant__ ResidualCudaArgs a,
+                                const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                                void* __restrict__ indices) {
+  const int d = a.d;
+  const float* tab = a.ext ? a.ext : a.tab;
+  const float* bnd = tab + a.bounds_off;
+  for (int64_t tok = work_begin(); tok < a.g.ntok; tok += work_step()) {
+    float r[kMaxChannels], o[kMaxChannels];
+    load_channels<scalar_t>(x + a.g.offset(0, tok), a.g.cstride[0], d, a.vec, r);
+    bool nan = false;
+#pragma unroll
+    for (int i = 0; i < kMaxChannels; ++i) {
+      if (i < d) {
+        if (a.soft) r[i] = soft_clamp_value<float>(r[i], a.soft_c[i]);
+        nan |= r[i] != r[i];
+        o[i] = 0.0f;
+      }
+    }
+    const int64_t io = a.g.offset(2, tok);
+    for (int s = 0; s < a.num_stages; ++s) {
+      int64_t acc = 0;
+      if (s < a.active_stages) {
+        const float* scale = tab + s * d;
+#pragma unroll
+        for (int i = 0; i < kMaxChannels; ++i) {
+          if (i < d) {
+            float y, so;
+            const int32_t k = residual_stage<float>(r[i], scale[i], bnd + a.boff[i], a.nb[i],
+                                                    a.lm1[i], a.nb[i] <= kLinearMaxCuda, y, so);
+            r[i] = sub_rn(r[i], so);
+            o[i] = add_rn(o[i], so);
+            acc += static_cast<int64_t>(k) * a.basis[i];
+          }
+        }
+      }
+      const int64_t v = (s >= a.active_stages || nan) ? int64_t{-1} : acc;
+      const int64_t at = io + static_cast<int64_t>(s) * a.g.cstride[2];
+      if (a.index64)
+        static_cast<int64_t*>(indices)[at] = v;
+      else
+        static_cast<int32_t*>(indices)[at] = static_cast<int32_t>(v);
+    }
+    if (a.active_stages > 0) {  // a NaN channel stays NaN in the residual: its output is NaN
+#pragma unroll
+      for (int i = 0; i < kMaxChannels; ++i)
+        if (i < d) o[i] = r[i] != r[i] ? r[i] : o[i];
+    }
+    store_channels<scalar_t>(out + a.g.offset(1, tok), a.g.cstride[1], d, a.vec, o);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    fsq_residual_backward_kernel(const __grid_constant__ ResidualCudaArgs a,
+                                 const scalar_t* __restrict__ x,
+                                 const scalar_t* __restrict__ grad_out,
+                                 scalar_t* __restrict__ grad_x) {
+  const int d = a.d;
+  const bool hard = a.hard_clamp != 0;
+  const float* tab = a.ext ? a.ext : a.tab;
+  const float* bnd = tab + a.bounds_off;
+  for (int64_t tok = work_begin(); tok < a.g.ntok; tok += work_step()) {
+    // stages outer, channels inner (as the forward): r and gs are the only live arrays; the
+    // soft clamp's derivative is recomputed from a second read of x (an L1 hit) at the end
+    float r[kMaxChannels], gs[kMaxChannels];
+    load_channels<scalar_t>(x + a.g.offset(0, tok), a.g.cstride[0], d, a.vec, r);
+#pragma unroll
+    for (int i = 0; i < kMaxChannels; ++i) {
+      if (i < d) {
+        if (a.soft) r[i] = soft_clamp_value<float>(r[i], a.soft_c[i]);
+        gs[i] = 0.0f;
+      }
+    }
+    for (int s = 0; s < a.active_stages; ++s) {
+      const float* scale = tab + s * d;
+#pragma unroll
+      for (int i = 0; i < kMaxChannels; ++i) {
+        if (i < d) {
+          float y, so;
+          (void)residual_stage<float>(r[i], scale[i], bnd + a.boff[i], a.nb[i], a.lm1[i],
+                                      a.nb[i] <= kLinearMaxCuda, y, so);
+          gs[i] += residual_bound_grad<float>(y, hard);
+          r[i] = sub_rn(r[i], so);
+        }
+      }
+    }
+    float v[kMaxChannels];
+    if (a.soft) {
+      load_channels<scalar_t>(x + a.g.offset(0, tok), a.g.cstride[0], d, a.vec, v);
+#pragma unroll
+      for (int i = 0; i < kMaxChannels; ++i)
+        if (i < d) gs[i] = sech2<float>(div_rn(v[i], a.soft_c[i])) * gs[i];
+    }
+    load_channels<scalar_t>(grad_out + a.g.offset(1, tok), a.g.cstride[1], d, a.vec, v);
+#pragma unroll
+    for (int i = 0; i < kMaxChannels; ++i)
+      if (i < d) v[i] = a.active_stages > 0 ? v[i] * gs[i] : 0.0f;
+    store_channels<scalar_t>(grad_x + a.g.offset(2, tok), a.g.cstride[2], d, a.vec, v);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
 // host side
 // ----------------------------------------------------------------------------------------------
 
@@ -394,12 +515,136 @@ at::Tensor indices_to_codes_cuda(const at::Tensor& indices, c10::IntArrayRef lev
   return out;
 }
 
+// ----------------------------------------------------------------------------------------------
+// residual FSQ (host)
+// ----------------------------------------------------------------------------------------------
+void fill_residual_args(ResidualCudaArgs& a, const ResidualSetup& r, const at::Device& device,
+                        at::Tensor& keep) {
+  std::memset(&a, 0, sizeof(a));
+  ChannelParams<float> p;
+  std::memset(&p, 0, sizeof(p));
+  const std::vector<float> b = make_kernel_bounds<float>(r.s.ch, p, 1);
+  a.d = static_cast<int32_t>(r.s.d);
+  a.num_stages = static_cast<int32_t>(r.num_stages);
+  a.active_stages = static_cast<int32_t>(r.active_stages);
+  a.hard_clamp = r.s.hard_clamp ? 1 : 0;
+  a.soft = r.soft ? 1 : 0;
+  a.index64 = r.s.index64 ? 1 : 0;
+  int64_t basis = 1;
+  for (int64_t i = 0; i < r.s.d; ++i) {
+    a.nb[i] = p.nb[i];  // symmetric: no infinite boundaries
+    a.boff[i] = p.boff[i];
+    a.basis[i] = basis;
+    basis *= r.s.ch[i].L;
+    a.lm1[i] = static_cast<float>(r.s.ch[i].L - 1);
+    a.soft_c[i] = r.soft ? static_cast<float>(r.soft_clamp[i]) : 1.0f;
+  }
+  std::vector<float> tab(r.scales);
+  a.bounds_off = static_cast<int32_t>(tab.size());
+  tab.insert(tab.end(), b.begin(), b.end());
+  a.ext = nullptr;
+  if (tab.size() <= static_cast<size_t>(kResInline)) {
+    std::copy(tab.begin(), tab.end(), a.tab);
+  } else {
+    at::Tensor host = at::empty({static_cast<int64_t>(tab.size())},
+                                at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
+    std::memcpy(host.data_ptr<float>(), tab.data(), tab.size() * sizeof(float));
+    keep = host.to(device, /*non_blocking=*/true);
+    a.ext = keep.const_data_ptr<float>();
+  }
+}
+
+// 128-bit loads/stores of the first two operands (x and out / grad_out); the third keeps its
+// strided access (indices) or must qualify too (grad_x).
+bool can_vectorize_first(const TokenGeom<3>& g, const void* const* ptrs, int nops, int64_t d,
+                         int64_t esize) {
+  if ((d * esize) % 16 != 0) return false;
+  for (int op = 0; op < nops; ++op) {
+    if (g.cstride[op] != 1) return false;
+    if (reinterpret_cast<uintptr_t>(ptrs[op]) % 16 != 0) return false;
+    for (int k = 0; k < g.ndim; ++k)
+      if ((g.stride[op][k] * esize) % 16 != 0) return false;
+  }
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_quantize_cuda(
+    const at::Tensor& x, c10::IntArrayRef levels, int64_t num_stages, bool hard_clamp,
+    std::optional<c10::ArrayRef<double>> soft_clamp, bool channel_first, int64_t active_stages) {
+  const char* op = "fsq.residual_quantize";
+  const ResidualSetup r =
+      make_residual_setup(op, levels, num_stages, hard_clamp, soft_clamp, active_stages);
+  check_float_input(op, "x", x);
+  check_cuda_dtype(op, "x", x.scalar_type());
+  check_z_shape(op, "x", x, r.s, channel_first);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  at::Tensor idx = at::empty(residual_index_shape(x.sizes(), channel_first, num_stages),
+                             x.options().dtype(index_dtype(r.s)));
+  if (x.numel() == 0) return {out, idx};
+  ResidualCudaArgs a;
+  at::Tensor keep;
+  fill_residual_args(a, r, x.device(), keep);
+  const c10::IntArrayRef strides[3] = {x.strides(), out.strides(), idx.strides()};
+  a.g = make_geom<3>(x.sizes(), strides, channel_dim(x.dim(), channel_first));
+  const void* ptrs[2] = {x.const_data_ptr(), out.const_data_ptr()};
+  a.vec = can_vectorize_first(a.g, ptrs, 2, r.s.d, x.element_size()) ? 1 : 0;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  FSQ_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
+    fsq_residual_forward_kernel<scalar_t><<<grid_for(a.g.ntok), kThreads, 0, stream>>>(
+        a, x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, idx};
+}
+
+at::Tensor residual_quantize_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                           c10::IntArrayRef levels, int64_t num_stages,
+                                           bool hard_clamp,
+                                           std::optional<c10::ArrayRef<double>> soft_clamp,
+                                           bool channel_first, int64_t active_stages) {
+  const char* op = "fsq.residual_quantize_backward";
+  const ResidualSetup r =
+      make_residual_setup(op, levels, num_stages, hard_clamp, soft_clamp, active_stages);
+  check_float_input(op, "x", x);
+  check_cuda_dtype(op, "x", x.scalar_type());
+  check_z_shape(op, "x", x, r.s, channel_first);
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out must have the shape of x ",
+                    x.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op,
+                   ": grad_out must have the dtype of x (", x.scalar_type(), "), got ",
+                   grad_out.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device(), op,
+                    ": grad_out must be on the device of x (", x.device(), "), got ",
+                    grad_out.device());
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  at::Tensor gx = at::empty_like(x);
+  if (x.numel() == 0) return gx;
+  ResidualCudaArgs a;
+  at::Tensor keep;
+  fill_residual_args(a, r, x.device(), keep);
+  const c10::IntArrayRef strides[3] = {x.strides(), grad_out.strides(), gx.strides()};
+  a.g = make_geom<3>(x.sizes(), strides, channel_dim(x.dim(), channel_first));
+  const void* ptrs[3] = {x.const_data_ptr(), grad_out.const_data_ptr(), gx.const_data_ptr()};
+  a.vec = can_vectorize_first(a.g, ptrs, 3, r.s.d, x.element_size()) ? 1 : 0;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  FSQ_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
+    fsq_residual_backward_kernel<scalar_t><<<grid_for(a.g.ntok), kThreads, 0, stream>>>(
+        a, x.const_data_ptr<scalar_t>(), grad_out.const_data_ptr<scalar_t>(),
+        gx.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fsq, CUDA, m) {
   m.impl("quantize", &quantize_cuda);
   m.impl("quantize_backward", &quantize_backward_cuda);
   m.impl("indices_to_codes", &indices_to_codes_cuda);
+  m.impl("residual_quantize", &residual_quantize_cuda);
+  m.impl("residual_quantize_backward", &residual_quantize_backward_cuda);
 }
 
 }  // namespace fsq

@@ -138,6 +138,119 @@ FSQ_HD T grad_factor(T z, T shift, T coef, bool hard_clamp) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Residual FSQ element math (host + device). Contract: reference.residual_quantize.
+//
+// Per token and channel, in the math type T (float32 for fp16/bf16/fp32, float64 for fp64):
+//     h = soft_clamp ? tanh(x / c) * c : x;  residual = h;  out = 0
+//     for s < active_stages:  y = residual / scale_s            (IEEE division)
+//                             k = #{j : y >= t_j}               (symmetric boundaries, ties up)
+//                             code = (2k - (L-1)) / (L-1)       (one rounding)
+//                             so = code * scale_s               (rounded product, never an FMA)
+//                             residual = residual - so;  out = out + so
+// so that, with the same k, the residuals and the sum are the reference's float32 numbers bit for
+// bit (only the soft clamp's tanh is our own, within a few 1e-8 of torch.tanh). Backward:
+//     grad_x = grad_out * (softclamp'(x) * sum_{s < active} bound'(y_s))
+// bound'(y) = [-1 < y < 1] (hard clamp) or sech^2(y); softclamp'(x) = sech^2(x / c).
+// ---------------------------------------------------------------------------------------------
+
+// Rounded product that the compiler may not contract into the following add/sub (on the host
+// the extension is built with -ffp-contract=off; nvcc contracts by default, hence __fmul_rn).
+FSQ_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FSQ_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FSQ_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+FSQ_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FSQ_HD double sub_rn(double a, double b) { return a - b; }
+FSQ_HD double add_rn(double a, double b) { return a + b; }
+FSQ_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+FSQ_HD double div_rn(double a, double b) { return a / b; }
+
+// tanh(x), float: Cephes tanhf (odd polynomial below 0.625, 1 - 2/(e^{2|x|} + 1) above, with
+// the vectorizable exp_nonpos), both branches computed and selected so loops over it vectorize.
+// Within ~2 ulp of tanh; NaN for NaN, +-1 for +-inf. double: the libm tanh.
+FSQ_HD float tanh_sel(float x) {
+  const float a = x < 0.0f ? -x : x;
+  const float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const float small = p * z * x + x;
+  const float e = exp_nonpos(-2.0f * a);  // e^{-2|x|} in (0, 0.29] above 0.625
+  const float big_abs = (1.0f - e) / (1.0f + e);
+  const float big = x < 0.0f ? -big_abs : big_abs;
+  const float r = a > 0.625f ? big : small;
+  return x == x ? r : x;
+}
+FSQ_HD double tanh_sel(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::tanh(x);
+#else
+  return std::tanh(x);
+#endif
+}
+
+// Soft clamp h = tanh(x / c) * c (its derivative, sech^2(x / c), is computed by the callers).
+template <typename T>
+FSQ_HD T soft_clamp_value(T x, T c) {
+  return mul_rn(tanh_sel(div_rn(x, c)), c);
+}
+
+// Stage output code * scale, code = (2k - (L-1)) / (L-1) with one rounding, the product rounded.
+template <typename T>
+FSQ_HD T residual_stage_output(int32_t k, T lm1, T scale) {
+  return mul_rn(div_rn(static_cast<T>(2 * k) - lm1, lm1), scale);
+}
+
+// One symmetric residual stage of one channel: returns k, writes the stage output.
+template <typename T>
+FSQ_HD int32_t residual_stage(T residual, T scale, const T* bounds, int32_t nb, T lm1, bool linear,
+                              T& y, T& stage_out) {
+  y = div_rn(residual, scale);
+  const int32_t k = linear ? level_index_linear<T>(y, bounds, nb, 0)
+                           : level_index_bsearch<T>(y, bounds, nb, 0);
+  stage_out = residual_stage_output<T>(k, lm1, scale);
+  return k;
+}
+
+// bound'(y) of one stage: [-1 < y < 1] or sech^2(y) (NaN for NaN).
+template <typename T>
+FSQ_HD T residual_bound_grad(T y, bool hard_clamp) {
+  if (hard_clamp) return (y > T(-1) && y < T(1)) ? T(1) : T(0);
+  return sech2(y);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Per-call constants (host only, double precision)
 // ---------------------------------------------------------------------------------------------
 
@@ -273,6 +386,17 @@ inline void fill_channel_params(const std::vector<HostChannel>& ch, int32_t num_
     p.shift[i] = static_cast<T>(ch[i].shift);
     p.coef[i] = static_cast<T>(ch[i].coef);
   }
+}
+
+// Residual stage scales: the float32 numbers L^-s of reference.residual_scales (torch's float32
+// pow, which equals the double pow rounded to float for every level and stage count in use).
+inline std::vector<float> residual_scales_f32(const std::vector<int64_t>& levels, int64_t num_stages) {
+  std::vector<float> out;
+  out.reserve(static_cast<size_t>(num_stages) * levels.size());
+  for (int64_t s = 0; s < num_stages; ++s)
+    for (int64_t L : levels)
+      out.push_back(static_cast<float>(std::pow(static_cast<double>(L), -static_cast<double>(s))));
+  return out;
 }
 
 }  // namespace fsq

@@ -19,6 +19,14 @@ TORCH_LIBRARY(fsq, m) {
   m.def(
       "indices_to_codes(Tensor indices, int[] levels, str variant, bool channel_first, "
       "int num_codebooks, ScalarType dtype) -> Tensor");
+  // residual FSQ (symmetric stages, scales L^-s): (sum of the active stages, indices with the
+  // stage axis where x has its channel axis; -1 for dropped stages and NaN tokens)
+  m.def(
+      "residual_quantize(Tensor x, int[] levels, int num_stages, bool hard_clamp, "
+      "float[]? soft_clamp, bool channel_first, int active_stages) -> (Tensor, Tensor)");
+  m.def(
+      "residual_quantize_backward(Tensor grad_out, Tensor x, int[] levels, int num_stages, "
+      "bool hard_clamp, float[]? soft_clamp, bool channel_first, int active_stages) -> Tensor");
 }
 
 extern "C" {

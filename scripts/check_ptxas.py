@@ -35,7 +35,7 @@ _USED = re.compile(r"Used (\d+) registers")
 
 
 def _short_name(mangled: str) -> str:
-    m = re.search(r"(fsq_(?:forward|backward|decode)_kernel)I(.*?)EEv", mangled)
+    m = re.search(r"(fsq_(?:residual_)?(?:forward|backward|decode)_kernel)I(.*?)EEv", mangled)
     if not m:
         return mangled
     arg = m.group(2)

@@ -7,10 +7,16 @@ The extension `fsq_kernels._C` (csrc/) defines the torch ops on import:
     fsq::quantize_backward(Tensor grad_codes, Tensor z, ...) -> Tensor grad_z
     fsq::indices_to_codes(Tensor indices, int[] levels, str variant, bool channel_first,
                           int num_codebooks, ScalarType dtype) -> Tensor codes
+    fsq::residual_quantize(Tensor x, int[] levels, int num_stages, bool hard_clamp,
+                           float[]? soft_clamp, bool channel_first, int active_stages)
+                           -> (Tensor out, Tensor indices)
+    fsq::residual_quantize_backward(Tensor grad_out, Tensor x, ...same arguments) -> Tensor grad_x
 
 with CPU kernels, and CUDA kernels when it was built with nvcc. This module registers their fake
 (meta) implementations, so they trace under torch.compile(fullgraph=True), and the autograd
-formula of fsq::quantize (saves z only; the backward is one fsq::quantize_backward launch).
+formulas of fsq::quantize (saves z only; the backward is one fsq::quantize_backward launch) and
+fsq::residual_quantize (saves x only; the backward is one fsq::residual_quantize_backward launch,
+which recomputes every stage from x).
 
 Without the extension this module still imports; `is_available` is then False everywhere.
 """
@@ -27,7 +33,7 @@ try:
 except ImportError:  # built with FSQ_KERNELS_NO_EXTENSION=1, or not built at all
     _C = None
 
-__all__ = ["indices_to_codes", "is_available", "quantize", "with_cuda"]
+__all__ = ["indices_to_codes", "is_available", "quantize", "residual_quantize", "with_cuda"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -109,6 +115,41 @@ if _C is not None:
         "fsq::quantize", _quantize_backward, setup_context=_quantize_setup_context
     )
 
+    def _residual_index_shape(shape, channel_first, num_stages):
+        out = list(shape)
+        out[1 if channel_first else len(shape) - 1] = num_stages
+        return out
+
+    @torch.library.register_fake("fsq::residual_quantize")
+    def _residual_quantize_fake(x, levels, num_stages, hard_clamp, soft_clamp, channel_first, active_stages):
+        out = torch.empty_like(x)
+        indices = x.new_empty(_residual_index_shape(x.shape, channel_first, num_stages), dtype=_index_dtype(levels))
+        return out, indices
+
+    @torch.library.register_fake("fsq::residual_quantize_backward")
+    def _residual_quantize_backward_fake(grad_out, x, levels, num_stages, hard_clamp, soft_clamp, channel_first,
+                                         active_stages):
+        return torch.empty_like(x)
+
+    def _residual_setup_context(ctx, inputs, output):
+        x, levels, num_stages, hard_clamp, soft_clamp, channel_first, active_stages = inputs
+        ctx.save_for_backward(x)  # only x, in its own dtype: the backward recomputes the stages
+        ctx.set_materialize_grads(False)
+        ctx.args = (levels, num_stages, hard_clamp, soft_clamp, channel_first, active_stages)
+
+    def _residual_backward(ctx, grad_out, grad_indices):
+        (x,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0] and grad_out is not None:
+            if grad_out.dtype != x.dtype:
+                grad_out = grad_out.to(x.dtype)
+            grad_x = torch.ops.fsq.residual_quantize_backward(grad_out, x, *ctx.args)
+        return grad_x, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "fsq::residual_quantize", _residual_backward, setup_context=_residual_setup_context
+    )
+
 
 def quantize(
     z: Tensor,
@@ -139,4 +180,23 @@ def indices_to_codes(
     to NaN codes."""
     return torch.ops.fsq.indices_to_codes(
         indices, list(levels), variant, bool(channel_first), int(num_codebooks), dtype or torch.float32
+    )
+
+
+def residual_quantize(
+    x: Tensor,
+    levels: tuple[int, ...],
+    num_stages: int,
+    hard_clamp: bool,
+    soft_clamp: tuple[float, ...] | None,
+    channel_first: bool,
+    active_stages: int,
+) -> tuple[Tensor, Tensor]:
+    """Fused residual FSQ (reference.residual_quantize is the contract): (sum of the active
+    stages' scaled codes in x.dtype, indices (..., num_stages) or (B, num_stages, ...), -1 for
+    dropped stages and NaN tokens); differentiable with respect to x (only x is saved)."""
+    return torch.ops.fsq.residual_quantize(
+        x, list(levels), int(num_stages), bool(hard_clamp),
+        None if soft_clamp is None else [float(c) for c in soft_clamp],
+        bool(channel_first), int(active_stages),
     )
