@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q --benchmark-disable
 
 demo: $(STAMP)
-	$(PYTHON) examples/quickstart.py
+	$(PYTHON) -m fsq_kernels.train demo --out $(DEMO_OUT)
 
 clean:
 	rm -rf build $(STAMP) fsq_kernels/*.so

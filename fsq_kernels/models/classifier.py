@@ -1,0 +1,54 @@
+"""A small CNN classifier trained locally (offline) on the same data, used as the feature space of
+the Frechet distance and as the judge of class-conditional samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SmallClassifier", "frechet_distance", "feature_stats"]
+
+
+class SmallClassifier(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32, feature_dim: int = 64):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+
+        self.body = nn.Sequential(block(in_channels, width), nn.MaxPool2d(2), block(width, 2 * width),
+                                  nn.MaxPool2d(2), block(2 * width, 4 * width))
+        self.fc = nn.Linear(4 * width, feature_dim)
+        self.out = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """x in [0, 1] (B, 3, H, W) -> features (B, feature_dim)."""
+        h = self.body(x * 2.0 - 1.0)
+        return F.silu(self.fc(h.mean(dim=(2, 3))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.features(x))
+
+
+def feature_stats(feats: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    f = feats.double().cpu().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(f1: Tensor, f2: Tensor) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2): the FID formula, computed with
+    symmetric eigendecompositions (no complex sqrtm)."""
+    mu1, s1 = feature_stats(f1)
+    mu2, s2 = feature_stats(f2)
+    r1 = _sqrtm_psd(s1)
+    m = r1 @ s2 @ r1
+    tr_cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_cross)
