@@ -6,7 +6,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.14.1
-DEMO_OUT ?= runs/demo
+DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 STAMP := .build-stamp
 
 .PHONY: install test demo bench clean
