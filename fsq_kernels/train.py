@@ -6,6 +6,7 @@ and evaluate.
     fsq-train sample    --out runs/samples --tokenizer runs/tok --maskgit runs/mg
     fsq-train eval      --out runs/eval --tokenizer runs/tok --maskgit runs/mg
     fsq-train demo      --out runs/demo        # both stages end to end on the built-in data
+    fsq-train study     --out runs/study [--quick]   # FSQ vs VQ codebook study (fsq_kernels/study.py)
 
 Runs unchanged under ``torchrun --nproc_per_node N`` (DDP; nccl on GPUs, gloo on CPU). Each
 training stage writes ``OUT/ckpt_<step>.pt`` (atomically: temp file, fsync, rename) holding
@@ -76,6 +77,10 @@ class Config:
     tok_lr: float = 2e-3
     tok_betas: list = field(default_factory=lambda: [0.9, 0.99])
     tok_weight_decay: float = 0.0
+    quantizer: str = "fsq"          # fsq | vq (the VQ baseline of models/vq.py, prod(levels) codes)
+    vq_dim: int = 0                 # VQ code dimension; 0 = len(levels), FSQ's bottleneck width
+    vq_ema: bool = False            # VQ codebook by EMA updates instead of the codebook loss
+    vq_beta: float = 0.25           # VQ commitment weight
     # maskgit
     mg_dim: int = 128
     mg_depth: int = 3
@@ -485,7 +490,8 @@ def to_model_layout(x: Tensor, cfg: Config) -> Tensor:
 
 def build_tokenizer(cfg: Config) -> FSQTokenizer:
     return FSQTokenizer(levels=cfg.levels, channels=cfg.tok_channels, channel_mult=cfg.tok_mult,
-                        num_res_blocks=cfg.tok_res_blocks)
+                        num_res_blocks=cfg.tok_res_blocks, quantizer=cfg.quantizer, vq_dim=cfg.vq_dim,
+                        vq_ema=cfg.vq_ema, vq_beta=cfg.vq_beta)
 
 
 def code_table(levels: list) -> Tensor:
@@ -715,6 +721,10 @@ def train_tokenizer(cfg: Config, out: str, seed: int, resume: bool, ctx: Ctx) ->
                 w = adaptive_weight(rec_total, g_l, model.decoder.last_layer) * cfg.disc_weight
                 loss = loss + w * g_l
                 logs |= {"g_loss": g_l.detach(), "adaptive_weight": w}
+            aux = getattr(model.quantizer, "aux_loss", None)  # VQ: codebook + commitment loss; FSQ: none
+            if aux is not None:
+                loss = loss + aux
+                logs["vq_loss"] = aux.detach()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -814,7 +824,8 @@ def train_maskgit(cfg: Config, out: str, seed: int, resume: bool, ctx: Ctx, toke
     meta = {"codebook_size": tok.codebook_size, "num_tokens": num_tokens, "num_classes": train_ds.num_classes,
             "token_grid": list(tok.encode(torch.zeros(1, 3, cfg.image_size, cfg.image_size,
                                                       device=ctx.device))[1].shape[1:]),
-            "class_names": list(train_ds.class_names), "levels": list(tcfg.levels)}
+            "class_names": list(train_ds.class_names),
+            "levels": list(tcfg.levels) if tcfg.quantizer == "fsq" else None}  # FSQ code table only for FSQ
 
     seed_all(seed)
     model = build_maskgit(cfg, meta["codebook_size"], num_tokens, meta["num_classes"], meta["levels"]).to(ctx.device)
@@ -1119,6 +1130,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "sample":
             s.add_argument("--per-class", type=int, default=None)
     sub.add_parser("demo", parents=[common], help="both stages end to end on the built-in data (preset demo)")
+    sub.add_parser("study", add_help=False,
+                   help="FSQ vs VQ codebook usage / PSNR vs codebook size (fsq_kernels/study.py; fsq-train study -h)")
     return p
 
 
@@ -1126,6 +1139,10 @@ _SAMPLING_KEYS = ("decode_steps", "choice_temperature", "cfg_scale", "sample_tem
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["study"]:  # the codebook study has its own options (fsq_kernels/study.py)
+        from .study import main as study_main
+        return study_main(argv[1:])
     args = _parser().parse_args(argv)
     torch.set_flush_denormal(True)
     preset = args.preset or ("demo" if args.command == "demo" else None)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import FSQ
+from .vq import VectorQuantizer
 
 __all__ = [
     "ResBlock", "Encoder", "Decoder", "FSQTokenizer", "PatchDiscriminator", "VGGPerceptualLoss",
@@ -117,16 +118,30 @@ class Decoder(nn.Module):
 
 class FSQTokenizer(nn.Module):
     """Encoder -> FSQ -> decoder. ``forward(x)`` takes images in [-1, 1] (B, 3, H, W) and returns
-    (reconstruction in [-1, 1] range, unclamped; indices (B, H/f, W/f))."""
+    (reconstruction in [-1, 1] range, unclamped; indices (B, H/f, W/f)).
+
+    ``quantizer="vq"`` puts the VQ baseline (models/vq.py) in the bottleneck instead, with as many
+    codes as the FSQ level set has (prod(levels)) and ``vq_dim`` channels (0: len(levels), FSQ's
+    width); its codebook + commitment loss of the last forward is ``self.quantizer.aux_loss``."""
 
     def __init__(self, levels: Sequence[int] = (8, 5, 5, 5), channels: int = 64,
                  channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1, in_channels: int = 3,
-                 num_codebooks: int = 1):
+                 num_codebooks: int = 1, quantizer: str = "fsq", vq_dim: int = 0, vq_ema: bool = False,
+                 vq_beta: float = 0.25):
         super().__init__()
         self.levels = list(levels)
-        z_channels = len(self.levels) * num_codebooks
+        if quantizer == "fsq":
+            z_channels = len(self.levels) * num_codebooks
+            self.quantizer = FSQ(self.levels, num_codebooks=num_codebooks, channel_first=True)
+        elif quantizer == "vq":
+            if num_codebooks != 1:
+                raise ValueError(f"quantizer='vq' takes num_codebooks=1; got {num_codebooks}")
+            z_channels = vq_dim if vq_dim > 0 else len(self.levels)
+            self.quantizer = VectorQuantizer(math.prod(self.levels), z_channels, beta=vq_beta, ema=vq_ema,
+                                             channel_first=True)
+        else:
+            raise ValueError(f"quantizer must be 'fsq' or 'vq'; got {quantizer!r}")
         self.encoder = Encoder(in_channels, channels, channel_mult, num_res_blocks, z_channels)
-        self.quantizer = FSQ(self.levels, num_codebooks=num_codebooks, channel_first=True)
         self.decoder = Decoder(in_channels, channels, channel_mult, num_res_blocks, z_channels)
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
 

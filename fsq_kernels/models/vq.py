@@ -54,20 +54,32 @@ class VectorQuantizer(nn.Module):
         self.embedding = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size))
         if ema:
             self.embedding.requires_grad_(False)
-            self.register_buffer("cluster_size", torch.zeros(codebook_size))
+            # The EMA state starts consistent with the codebook (embedding_sum / cluster_size ==
+            # embedding): with cluster_size = 0, as some implementations start, every code unused in
+            # the first batch would be divided by ~eps and thrown far away, dead from step one.
+            self.register_buffer("cluster_size", torch.ones(codebook_size))
             self.register_buffer("embedding_sum", self.embedding.detach().clone())
         self.aux_loss = torch.zeros(())
 
     def _nearest(self, flat: Tensor) -> Tensor:
-        codebook = self.embedding.float()
-        distances = flat.square().sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.square().sum(1)[None, :]
-        return distances.argmin(dim=1)
+        """Index of the nearest code for each row of flat (N, dim), in row chunks of ~2^18 distances
+        (1 MiB): a full N x K matrix is gigabytes at K = 16k, and on CPU chunks that stay in cache
+        were measured 2.5x faster than 2^24-entry ones (2048 x 15360, one thread)."""
+        codebook = self.embedding.detach().float()
+        c2 = codebook.square().sum(1)
+        rows = max(1, (1 << 18) // self.codebook_size)
+        out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+        for i in range(0, flat.shape[0], rows):
+            f = flat[i:i + rows].detach()
+            # ||f||^2 is the same for every code and does not change the argmin
+            out[i:i + rows] = torch.addmm(c2[None, :], f, codebook.t(), alpha=-2.0).argmin(dim=1)
+        return out
 
     @torch.no_grad()
     def _ema_update(self, flat: Tensor, indices: Tensor) -> None:
-        one_hot = F.one_hot(indices, self.codebook_size).type(flat.dtype)
-        counts = _all_reduce_sum(one_hot.sum(0))
-        sums = _all_reduce_sum(one_hot.t() @ flat)
+        # per-code counts and sums without an N x K one-hot matrix (0.5 GB at N = 8k, K = 16k)
+        counts = _all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size).to(flat.dtype))
+        sums = _all_reduce_sum(torch.zeros_like(self.embedding_sum).index_add_(0, indices, flat))
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embedding_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.cluster_size.sum()
