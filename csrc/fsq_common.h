@@ -82,6 +82,15 @@ inline void check_float_input(const char* op, const char* name, const at::Tensor
                    t.scalar_type());
 }
 
+// A gradient must have the shape and dtype of the tensor it is the gradient of.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ", ref_name,
+                    " ", ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
+                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
 inline void check_z_shape(const char* op, const char* name, const at::Tensor& z, const Setup& s,
                           bool channel_first) {
   const int64_t need = channel_first ? 2 : 1;

@@ -481,12 +481,7 @@ at::Tensor quantize_backward_cpu(const at::Tensor& grad_codes, const at::Tensor&
   const Setup s = make_setup(op, levels, variant, hard_clamp, num_codebooks);
   check_float_input(op, "z", z);
   check_z_shape(op, "z", z, s, channel_first);
-  TORCH_CHECK_VALUE(grad_codes.sizes() == z.sizes(), op,
-                    ": grad_codes must have the shape of z ", z.sizes(), ", got ",
-                    grad_codes.sizes());
-  TORCH_CHECK_TYPE(grad_codes.scalar_type() == z.scalar_type(), op,
-                   ": grad_codes must have the dtype of z (", z.scalar_type(), "), got ",
-                   grad_codes.scalar_type());
+  check_like(op, "grad_codes", grad_codes, "z", z);
   at::Tensor gz = at::empty_like(z);
   if (z.numel() == 0) return gz;
   advise_huge_pages(gz);
@@ -556,11 +551,7 @@ at::Tensor residual_quantize_backward_cpu(const at::Tensor& grad_out, const at::
       make_residual_setup(op, levels, num_stages, hard_clamp, soft_clamp, active_stages);
   check_float_input(op, "x", x);
   check_z_shape(op, "x", x, r.s, channel_first);
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out must have the shape of x ",
-                    x.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op,
-                   ": grad_out must have the dtype of x (", x.scalar_type(), "), got ",
-                   grad_out.scalar_type());
+  check_like(op, "grad_out", grad_out, "x", x);
   at::Tensor gx = at::empty_like(x);
   if (x.numel() == 0) return gx;
   advise_huge_pages(gx);

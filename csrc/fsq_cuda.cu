@@ -450,12 +450,7 @@ at::Tensor quantize_backward_cuda(const at::Tensor& grad_codes, const at::Tensor
   check_float_input(op, "z", z);
   check_cuda_dtype(op, "z", z.scalar_type());
   check_z_shape(op, "z", z, s, channel_first);
-  TORCH_CHECK_VALUE(grad_codes.sizes() == z.sizes(), op,
-                    ": grad_codes must have the shape of z ", z.sizes(), ", got ",
-                    grad_codes.sizes());
-  TORCH_CHECK_TYPE(grad_codes.scalar_type() == z.scalar_type(), op,
-                   ": grad_codes must have the dtype of z (", z.scalar_type(), "), got ",
-                   grad_codes.scalar_type());
+  check_like(op, "grad_codes", grad_codes, "z", z);
   TORCH_CHECK_VALUE(grad_codes.device() == z.device(), op,
                     ": grad_codes must be on the device of z (", z.device(), "), got ",
                     grad_codes.device());
@@ -609,11 +604,7 @@ at::Tensor residual_quantize_backward_cuda(const at::Tensor& grad_out, const at:
   check_float_input(op, "x", x);
   check_cuda_dtype(op, "x", x.scalar_type());
   check_z_shape(op, "x", x, r.s, channel_first);
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out must have the shape of x ",
-                    x.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op,
-                   ": grad_out must have the dtype of x (", x.scalar_type(), "), got ",
-                   grad_out.scalar_type());
+  check_like(op, "grad_out", grad_out, "x", x);
   TORCH_CHECK_VALUE(grad_out.device() == x.device(), op,
                     ": grad_out must be on the device of x (", x.device(), "), got ",
                     grad_out.device());

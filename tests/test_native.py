@@ -381,3 +381,17 @@ def test_cuda_decode_out_of_range_is_nan_and_autograd():
     torch.testing.assert_close(z.grad.cpu().double(), want, rtol=1e-4, atol=1e-6)
     empty = native.quantize(torch.empty(0, 4, device="cuda"), levels, "paper", False, False, 1, True)
     assert empty[0].shape == (0, 4) and empty[1].shape == (0,)
+
+
+def test_backward_ops_check_gradient_shape_and_dtype():
+    """Both backward ops name the gradient, the expected shape/dtype and the actual one."""
+    z = torch.randn(3, 4)
+    levels = [8, 5, 5, 5]
+    with pytest.raises(ValueError, match=r"grad_codes must have the shape of z \[3, 4\], got \[3, 5\]"):
+        torch.ops.fsq.quantize_backward(torch.randn(3, 5), z, levels, "paper", False, False, 1)
+    with pytest.raises(TypeError, match=r"grad_codes must have the dtype of z \(Float\), got Double"):
+        torch.ops.fsq.quantize_backward(z.double(), z, levels, "paper", False, False, 1)
+    with pytest.raises(ValueError, match=r"grad_out must have the shape of x \[3, 4\], got \[2, 4\]"):
+        torch.ops.fsq.residual_quantize_backward(torch.randn(2, 4), z, levels, 2, True, None, False, 2)
+    with pytest.raises(TypeError, match=r"grad_out must have the dtype of x \(Float\), got BFloat16"):
+        torch.ops.fsq.residual_quantize_backward(z.bfloat16(), z, levels, 2, True, None, False, 2)
