@@ -71,12 +71,15 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return self.images[idx].float().div_(255.0), self.labels[idx]
 
 
-def render_shapes(params: np.ndarray, labels: np.ndarray, image_size: int = 32) -> np.ndarray:
+def render_shapes(params: np.ndarray, labels: np.ndarray, image_size: int = 32,
+                  size_range: tuple[float, float] = (0.17, 0.37), position_jitter: float = 1.0) -> np.ndarray:
     """Render one image per parameter row; returns uint8 (N, 3, S, S).
 
     params columns (all uniform in [0, 1)): size, x, y, 3 x background colour, 3 x foreground
-    colour, spare. The foreground colour is pushed away from the background so every shape is
-    visible.
+    colour, spare. The shape's half-extent is drawn from ``size_range`` (fractions of the image
+    size); its centre from the middle ``position_jitter`` fraction of the positions that keep it
+    inside the image (1 = anywhere, 0 = always centred). The foreground colour is pushed away from
+    the background so every shape is visible.
     """
     n = params.shape[0]
     s = image_size
@@ -90,10 +93,10 @@ def render_shapes(params: np.ndarray, labels: np.ndarray, image_size: int = 32) 
         p = params[start:start + chunk].astype(np.float32)
         lab = labels[start:start + chunk]
         m = p.shape[0]
-        r = (0.17 + 0.20 * p[:, 0]) * s  # half-extent: 5.4 .. 11.8 px at 32 px
-        margin = r + 1.0
-        cx = margin + p[:, 1] * (s - 2 * margin)
-        cy = margin + p[:, 2] * (s - 2 * margin)
+        r = (size_range[0] + (size_range[1] - size_range[0]) * p[:, 0]) * s  # default 5.4 .. 11.8 px at 32 px
+        free = np.maximum(s - 2 * (r + 1.0), 0.0)  # range of centres that keep a 1 px border
+        cx = s / 2 + (p[:, 1] - 0.5) * position_jitter * free
+        cy = s / 2 + (p[:, 2] - 0.5) * position_jitter * free
         u = xx[None] - cx[:, None, None]
         v = yy[None] - cy[:, None, None]
         R = r[:, None, None]
@@ -136,18 +139,27 @@ class ShapesDataset(TensorImageDataset):
     """Procedural class-conditional shapes, deterministic in (seed, split, index).
 
     Image i of a split is the same whatever ``size`` is (parameters are drawn as one row per
-    image), and the ``train``/``val``/``test`` splits use disjoint random streams.
+    image), and the ``train``/``val``/``test`` splits use disjoint random streams. ``size_range``
+    (half-extent as a fraction of the image size) and ``position_jitter`` (1 = anywhere in the
+    image, 0 = centred) set the layout; the defaults spread small shapes over the whole image.
     """
 
-    def __init__(self, size: int, seed: int = 0, split: str = "train", image_size: int = 32):
+    def __init__(self, size: int, seed: int = 0, split: str = "train", image_size: int = 32,
+                 size_range: tuple[float, float] = (0.17, 0.37), position_jitter: float = 1.0):
         if split not in _SPLIT_IDS:
             raise ValueError(f"split must be one of {list(_SPLIT_IDS)}; got {split!r}")
         if size < 1:
             raise ValueError(f"size must be >= 1; got {size}")
+        lo, hi = (float(v) for v in size_range)
+        if not 0.0 < lo <= hi <= 0.5:
+            raise ValueError(f"size_range must satisfy 0 < min <= max <= 0.5 (half-extent / image size); "
+                             f"got {tuple(size_range)}")
+        if not 0.0 <= position_jitter <= 1.0:
+            raise ValueError(f"position_jitter must be in [0, 1]; got {position_jitter}")
         rng = np.random.default_rng([int(seed), 7919, _SPLIT_IDS[split]])
         params = rng.random((size, _N_PARAMS))
         labels = np.arange(size) % len(SHAPE_CLASSES)  # balanced: every prefix is class-balanced
-        images = render_shapes(params, labels, image_size)
+        images = render_shapes(params, labels, image_size, (lo, hi), position_jitter)
         super().__init__(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), SHAPE_CLASSES)
 
 
@@ -217,11 +229,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
 
-def make_datasets(name: str, num_train: int, num_val: int, image_size: int, seed: int = 0):
-    """Return (train, val) datasets for ``name`` in {"shapes", "mnist", "folder:PATH"}."""
+def make_datasets(name: str, num_train: int, num_val: int, image_size: int, seed: int = 0,
+                  shape_size: tuple[float, float] = (0.17, 0.37), shape_jitter: float = 1.0):
+    """Return (train, val) datasets for ``name`` in {"shapes", "mnist", "folder:PATH"}.
+    ``shape_size`` and ``shape_jitter`` set the layout of ``shapes`` (see ``ShapesDataset``)."""
     if name == "shapes":
-        return (ShapesDataset(num_train, seed, "train", image_size),
-                ShapesDataset(num_val, seed, "val", image_size))
+        return (ShapesDataset(num_train, seed, "train", image_size, shape_size, shape_jitter),
+                ShapesDataset(num_val, seed, "val", image_size, shape_size, shape_jitter))
     if name == "mnist":
         if image_size != 32:
             raise ValueError(f"the mnist dataset is 32x32 (28x28 padded); got image_size={image_size}")

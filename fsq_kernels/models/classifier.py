@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SmallClassifier", "frechet_distance", "feature_stats"]
+__all__ = ["SmallClassifier", "frechet_distance", "feature_stats", "random_blur"]
 
 
 class SmallClassifier(nn.Module):
@@ -31,6 +31,22 @@ class SmallClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.features(x))
+
+
+def random_blur(x: Tensor, max_sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian blur with a per-image sigma ~ U(0, max_sigma) px (7-tap separable, edges replicated).
+
+    The judge's training augmentation: generated and reconstructed images are softer than the real
+    ones, and a judge trained on sharp images only is unstable on them."""
+    b, c, h, w = x.shape
+    sigma = torch.rand(b, generator=generator).mul_(max_sigma).clamp_(min=1e-3).to(x.device)
+    taps = torch.arange(-3, 4, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-taps[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (b*c, 7)
+    y = x.reshape(1, b * c, h, w)
+    y = F.conv2d(F.pad(y, (3, 3, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, 3, 3), mode="replicate"), kernel[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
 
 
 def feature_stats(feats: Tensor) -> tuple[np.ndarray, np.ndarray]:
