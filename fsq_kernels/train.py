@@ -1066,14 +1066,19 @@ def run_eval(out: str, tokenizer: str, maskgit: str, seed: int, ctx: Ctx, cfg_sc
     val_tok = tokenize_dataset(tok, val_ds, tcfg, dev)
     metrics["maskgit"] = evaluate_maskgit(mg, val_tok, val_ds.labels, mcfg, dev) | {"num_sequences": len(val_ds)}
 
-    # reconstructions: originals (odd rows) over reconstructions (even rows)
-    x, _ = val_ds.batch(torch.arange(min(24, len(val_ds))))
+    # reconstructions of the first held-out images: a figure, and (below) what the judge makes of them
+    n_rec = min(1000, len(val_ds))
+    x = val_ds.batch(torch.arange(n_rec))[0]
+    recs = []
     with torch.no_grad():
-        rec, _ = tok(to_model_layout(x.to(dev) * 2 - 1, tcfg))
-    rec = ((rec.float() + 1) / 2).clamp(0, 1).cpu()
-    per = 12 if x.shape[0] >= 12 else x.shape[0]
-    rows = []
-    for i in range(0, x.shape[0] - per + 1, per):
+        for i in range(0, n_rec, 250):
+            r, _ = tok(to_model_layout(x[i:i + 250].to(dev) * 2 - 1, tcfg))
+            recs.append(((r.float() + 1) / 2).clamp(0, 1).cpu())
+    rec = torch.cat(recs)
+    shown = min(24, n_rec)
+    per = 12 if shown >= 12 else shown
+    rows = []  # originals (odd rows) over reconstructions (even rows)
+    for i in range(0, shown - per + 1, per):
         rows += [x[i:i + per], rec[i:i + per]]
     save_grid(torch.cat(rows), per, os.path.join(out, "reconstructions.png"))
 
@@ -1093,13 +1098,7 @@ def run_eval(out: str, tokenizer: str, maskgit: str, seed: int, ctx: Ctx, cfg_sc
     clf_val_acc = float((pred_v == val_ds.labels).float().mean())
     # The judge on the tokenizer's own reconstructions: about the best that samples decoded by this
     # tokenizer can score.
-    n_rec = min(1000, len(val_ds))
-    recs = []
-    with torch.no_grad():
-        for i in range(0, n_rec, 250):
-            r, _ = tok(to_model_layout(xv[i:min(i + 250, n_rec)].to(dev) * 2 - 1, tcfg))
-            recs.append(((r.float() + 1) / 2).clamp(0, 1).cpu())
-    clf_rec_acc = float((classify(clf, torch.cat(recs), dev)[1] == val_ds.labels[:n_rec]).float().mean())
+    clf_rec_acc = float((classify(clf, rec, dev)[1] == val_ds.labels[:n_rec]).float().mean())
     if len(val_ds) >= 2 * n:
         f_a, f_b = f_v[:n], f_v[n:2 * n]
     else:
