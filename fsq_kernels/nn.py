@@ -130,8 +130,16 @@ class FSQ(nn.Module):
         return reference.indices_to_level_indices(indices, self.levels)
 
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
-        """Codes of one codebook, channel-last (..., codebook_dim) -> indices (...)."""
-        return ops.codes_to_indices(zhat, self.levels, variant=self.variant)
+        """Codes, channel-last: (..., codebook_dim) -> (...), or (..., effective_codebook_dim) ->
+        (..., num_codebooks); each snaps to the nearest grid point. Without projections this inverts
+        indices_to_codes and forward (an orthogonal rotation is undone here). With projections
+        project_out has no inverse: zhat are codes in the quantizer's space (grid values, before the
+        rotation back and project_out), as vector-quantize-pytorch takes them."""
+        channels = zhat.shape[-1] if isinstance(zhat, Tensor) and zhat.dim() > 0 else None
+        num_codebooks = 1 if channels == self.codebook_dim else self.num_codebooks
+        if self.orthogonal_rotation and not self.has_projections and channels == num_codebooks * self.codebook_dim:
+            zhat = self._rotate(zhat, self.orthogonal_rot)  # shapes the op rejects reach it unrotated
+        return ops.codes_to_indices(zhat, self.levels, variant=self.variant, num_codebooks=num_codebooks)
 
     def _decode(self, indices: Tensor, channel_first: bool) -> Tensor:
         if self.keep_num_codebooks_dim and self.num_codebooks == 1:
@@ -152,7 +160,7 @@ class FSQ(nn.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def _rotate(self, x: Tensor, matrix: Tensor) -> Tensor:
-        x = x.unflatten(-1, (self.num_codebooks, self.codebook_dim))
+        x = x.unflatten(-1, (-1, self.codebook_dim))  # one codebook or all of them
         return (x @ matrix.to(x.dtype)).flatten(-2)
 
     def _forward(self, z: Tensor, channel_first: bool) -> tuple[Tensor, Tensor | None]:
@@ -291,7 +299,11 @@ class ResidualFSQ(nn.Module):
         return min(index + 1, self.num_quantizers)
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Indices (B, ..., q) -> every stage's scaled codes (q, B, ..., d); index -1 gives zeros."""
+        """Indices as forward returns them, (B, ..., q) or (B, q, ...) with is_channel_first=True,
+        -> every stage's scaled codes, channel-last (q, B, ..., d); index -1 gives zeros. Fewer
+        stages (indices[..., :k], or indices[:, :k] channel-first) need quantize_dropout=True."""
+        if self.is_channel_first:
+            indices = indices.movedim(1, -1)
         given = indices.shape[-1]
         if given < self.num_quantizers:
             if not self.quantize_dropout:
@@ -308,7 +320,9 @@ class ResidualFSQ(nn.Module):
         return codes.masked_fill(dropped.movedim(-1, 0).unsqueeze(-1), 0.0)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        return self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
+        """Indices -> forward's quantized output (channel-first with is_channel_first=True)."""
+        out = self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
+        return out.movedim(-1, 1) if self.is_channel_first else out
 
     def forward(
         self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None
@@ -331,8 +345,7 @@ class ResidualFSQ(nn.Module):
             indices = indices.movedim(-1, 1)
         if not return_all_codes:
             return quantized, indices
-        stage_last = indices.movedim(1, -1) if channel_first else indices
-        return quantized, indices, self.get_codes_from_indices(stage_last)
+        return quantized, indices, self.get_codes_from_indices(indices)
 
 
 class GroupedResidualFSQ(nn.Module):

@@ -9,6 +9,14 @@ with
 and a model trained with vector-quantize-pytorch gives the same outputs and indices (state_dict
 keys are the same). It keeps the peer's defaults (the `atanh` bound), its asserts and its shape
 rules (an input of 4 or more dims is channel-first), and runs on fsq_kernels' fused backends.
+
+It copies the peer (1.32) except where the peer's behaviour is a bug we chose to fix:
+- with orthogonal_rotation=True and no projections, codes_to_indices undoes the rotation, so
+  codes_to_indices(indices_to_codes(i)) == i (as the peer's main-branch tests expect; 1.32 fails);
+- codes_to_indices snaps each code to the grid: bf16 codes keep their indices past 256 codes;
+- ResidualFSQ / GroupedResidualFSQ with is_channel_first=True decode the (B, Q, ...) and
+  (G, B, Q, ...) indices their forward returns (1.32 raises on them);
+- bound(z, eps) accepts only the default eps=1e-3 (the kernels' constant); others are a ValueError.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import nn as fsq_nn
+from .. import ops, reference
 
 __all__ = ["FSQ", "CompatAssertionError", "GroupedResidualFSQ", "ResidualFSQ"]
 
@@ -63,6 +72,29 @@ class FSQ(fsq_nn.FSQ):
             bound_hard_clamp, orthogonal_rotation,
             variant="symmetric" if preserve_symmetry else "atanh", backend=backend,
         )
+
+    # The peer's public quantizer steps (1.32): each returns the code, rounded with a straight-through
+    # gradient and normalised, channel-last (..., codebook_dim); `bound` is not just the bound.
+
+    def _codes(self, z: Tensor, variant: str, hard_clamp: bool) -> Tensor:
+        if z.dim() == 0 or z.shape[-1] != self.codebook_dim:
+            raise ValueError(f"FSQ: z must be channel-last with codebook_dim={self.codebook_dim} channels; got shape {tuple(z.shape)}")
+        return ops.quantize(z, self.levels, variant=variant, hard_clamp=hard_clamp, return_indices=False, backend=self.backend)[0]
+
+    def bound(self, z: Tensor, eps: float = reference.EPS, hard_clamp: bool = False) -> Tensor:
+        """The `atanh` code: round(tanh(z + atanh(o/h)) * h - o) / (L // 2), h = (L-1)(1+eps)/2."""
+        if eps != reference.EPS:
+            raise ValueError(f"FSQ.bound: eps must be {reference.EPS} (the kernels' constant); got {eps}")
+        return self._codes(z, "atanh", hard_clamp)
+
+    def symmetry_preserving_bound(self, z: Tensor, hard_clamp: bool = False) -> Tensor:
+        """The `symmetric` code: 2/(L-1) * floor((L-1)(tanh z + 1)/2 + 1/2) - 1 (arXiv 2411.19842)."""
+        return self._codes(z, "symmetric", hard_clamp)
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """z (..., codebook_dim) -> codes: the module's bound with its bound_hard_clamp."""
+        bound_fn = self.symmetry_preserving_bound if self.preserve_symmetry else self.bound
+        return bound_fn(z, hard_clamp=self.bound_hard_clamp)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         # The peer treats images and video (4+ dims) as channel-first whatever channel_first says.
