@@ -3,7 +3,9 @@
 A provider turns a Case into a zero-argument callable that does the work once. Names are the ones
 every output uses: fsq_kernels[cpp], fsq_kernels[cuda], fsq_kernels[triton], reference,
 vector-quantize-pytorch, torch.compile(vector-quantize-pytorch); plus the floor (one allocating
-torch.tanh over the same tensor on CPU; a device-to-device copy of it on CUDA).
+torch.tanh over the same tensor on CPU; a device-to-device copy of it on CUDA). Module cases
+(Case.dim > 0) time a whole FSQ module with its projections, as a training job calls it, and add
+torch.compile(fsq_kernels.FSQ) as a provider.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Case:
     tokens: int
     device: str = "cpu"
     stages: int = 0  # > 0: ResidualFSQ with this many stages (vector-quantize-pytorch's defaults)
+    dim: int = 0  # > 0: the FSQ module with projections dim -> len(levels) -> dim
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -48,10 +51,14 @@ class Case:
 
     @property
     def op(self) -> str:
+        if self.dim:
+            return "module"
         return "residual_quantize" if self.stages else "quantize"
 
     @property
     def quantizer(self) -> str:
+        if self.dim:
+            return f"FSQ module dim={self.dim}"
         return f"ResidualFSQ-{self.stages}" if self.stages else "FSQ"
 
     def label(self) -> str:
@@ -60,8 +67,9 @@ class Case:
 
 
 def make_input(case: Case, seed: int = 0) -> torch.Tensor:
-    """z with case.tokens tokens: (B, N, d) channel-last or (B, d, H, W) channel-first."""
-    d = len(case.levels)
+    """z with case.tokens tokens: (B, N, d) channel-last or (B, d, H, W) channel-first; d is the
+    module's dim for module cases."""
+    d = case.dim or len(case.levels)
     batch = 16 if case.tokens >= 256 else 1
     per_item = case.tokens // batch
     g = torch.Generator().manual_seed(seed)
@@ -75,7 +83,7 @@ def make_input(case: Case, seed: int = 0) -> torch.Tensor:
 
 def minimal_bytes(case: Case) -> int:
     """Bytes the op must move at least: what a fused kernel reads and writes once."""
-    n = case.tokens * len(case.levels)
+    n = case.tokens * (case.dim or len(case.levels))
     elem = torch.finfo(case.torch_dtype).bits // 8
     index_bytes = case.tokens * 4
     return {
@@ -91,8 +99,25 @@ def minimal_bytes(case: Case) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fsq_kernels_quantize(backend: str) -> Callable:
+def _module(modules: dict, case: Case, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """One module per case shape, initialised from the same seed whoever builds it."""
+    key = (case.levels, case.dim, case.device)
+    if key not in modules:
+        torch.manual_seed(0)
+        modules[key] = make().to(case.device)
+    return modules[key]
+
+
+def _fsq_kernels_quantize(backend: str, compiled: bool = False) -> Callable:
+    modules: dict = {}
+
+    def make_module(case: Case):
+        module = fsq_kernels.FSQ(list(case.levels), dim=case.dim, variant=VARIANT, backend=backend)
+        return torch.compile(module) if compiled else module
+
     def quantize(z: torch.Tensor, case: Case):
+        if case.dim:
+            return _module(modules, case, lambda: make_module(case))(z)
         if case.stages:
             return fsq_kernels.residual_quantize(
                 z, case.levels, case.stages, soft_clamp=fsq_kernels.reference.residual_soft_clamp(case.levels),
@@ -115,6 +140,9 @@ def _vqp_functions(compiled: bool):
     modules: dict = {}
 
     def module(case: Case):
+        if case.dim:
+            make = lambda: PeerFSQ(list(case.levels), dim=case.dim)  # noqa: E731
+            return _module(modules, case, (lambda: torch.compile(make())) if compiled else make), None
         key = (case.levels, case.channel_first, case.stages)
         if key not in modules:
             if case.stages:
@@ -140,7 +168,7 @@ def _vqp_functions(compiled: bool):
 def _backend_available(backend: str, device: str, op: str = "quantize") -> bool:
     if backend == "triton" and device == "cpu":
         return False  # the interpreter is a correctness tool, not a benchmark provider
-    return backend in fsq_kernels.available_backends(op)
+    return backend in fsq_kernels.available_backends("quantize" if op == "module" else op)
 
 
 def _vqp_available(device: str, op: str) -> bool:
@@ -163,7 +191,12 @@ PROVIDERS = [
     Provider("fsq_kernels[cpp]", lambda dev, op: dev == "cpu" and _backend_available("cpp", dev, op), lambda: _fsq_kernels_quantize("cpp")),
     Provider("fsq_kernels[cuda]", lambda dev, op: dev == "cuda" and _backend_available("cuda", dev, op), lambda: _fsq_kernels_quantize("cuda")),
     Provider("fsq_kernels[triton]", lambda dev, op: _backend_available("triton", dev, op), lambda: _fsq_kernels_quantize("triton")),
-    Provider("reference", lambda dev, op: True, lambda: _fsq_kernels_quantize("reference")),
+    Provider("reference", lambda dev, op: op != "module", lambda: _fsq_kernels_quantize("reference")),
+    Provider(
+        "torch.compile(fsq_kernels.FSQ)",
+        lambda dev, op: op == "module" and _backend_available("cuda" if dev == "cuda" else "cpp", dev, op),
+        lambda: _fsq_kernels_quantize("auto", compiled=True), compiled=True,
+    ),
     Provider(VQP, _vqp_available, lambda: _vqp_functions(False)),
     Provider(VQP_COMPILED, _vqp_available, lambda: _vqp_functions(True), compiled=True),
 ]

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import metrics
 from .providers import (
-    FLOOR, LAYOUTS, LEVEL_SETS, MODES, VQP, VQP_COMPILED, Case, available_providers, build, build_floor,
+    FLOOR, LAYOUTS, LEVEL_SETS, MODES, VQP, Case, available_providers, build, build_floor,
     make_input, minimal_bytes,
 )
 
@@ -42,7 +42,12 @@ PRESETS = {
     "headline": (("forward", "forward+backward"), ("fp32",), ((8, 5, 5, 5),), ("channel-last",), (22,), (0,), 7),
     "residual": (("forward", "forward+backward"), ("fp32",), ((8, 5, 5, 5),), ("channel-last",), (14, 20), (4, 8), 5),
     "full": (MODES, ("fp32", "bf16"), LEVEL_SETS, LAYOUTS, (10, 14, 18, 22), (0, 4, 8), 7),
+    "module": ((), (), (), (), (), (), 7),
 }
+# The module row: FSQ([8,5,5,5], dim=256) with its projections, forward+backward at 2^16 tokens,
+# eager and torch.compile'd, ours against vector-quantize-pytorch; in these presets:
+MODULE_PRESETS = ("headline", "full", "module")
+MODULE_CASE = dict(mode="forward+backward", dtype="fp32", levels=(8, 5, 5, 5), layout="channel-last", tokens=2**16, dim=256)
 RESIDUAL_MODES = ("forward", "forward+backward")
 
 
@@ -100,6 +105,7 @@ def _copy_bandwidth_gbps(device: str) -> float:
 
 def run_case(case: Case, providers, reps: int) -> list[Row]:
     functions = {p.name: p.functions() for p in providers}
+    compiled = {p.name for p in providers if p.compiled}
     fns = {name: build(funcs, case) for name, funcs in functions.items()}
     if case.device == "cpu":
         fns[FLOOR] = build_floor(case)
@@ -111,10 +117,11 @@ def run_case(case: Case, providers, reps: int) -> list[Row]:
         row = Row(name, case, times[name])
         ops, row.peak_mb = metrics.dispatch_profile(fn)
         # Compiled graphs run generated kernels outside the dispatcher: their count means nothing.
-        row.aten_ops = None if name == VQP_COMPILED else ops
+        row.aten_ops = None if name in compiled else ops
         if name != FLOOR and case.mode in ("backward", "forward+backward"):
-            forward_case = Case("forward", case.dtype, case.levels, case.layout, case.tokens, case.device, case.stages)
-            z_numel = case.tokens * len(case.levels)
+            forward_case = Case("forward", case.dtype, case.levels, case.layout, case.tokens, case.device, case.stages,
+                                case.dim)
+            z_numel = case.tokens * (case.dim or len(case.levels))
             quantize = functions[name][0]
             z = make_input(forward_case).requires_grad_(True)
             row.saved_bytes_per_element = metrics.saved_bytes_per_element(lambda: quantize(z, forward_case), z_numel)
@@ -249,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         for k in log2_sizes for mode in modes
         if not stages or (mode in RESIDUAL_MODES and layout == "channel-last" and dtype == "fp32" and levels == (8, 5, 5, 5))
     ]
+    if preset in MODULE_PRESETS:
+        cases.append(Case(device=device, **MODULE_CASE))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = {p.name for op in {c.op for c in cases} for p in available_providers(device, not args.no_compile, op)}

@@ -167,3 +167,28 @@ def test_module_input_on_another_device_is_a_value_error():
     fsq = fsq_kernels.FSQ(LEVELS, dim=16).to("meta")
     with pytest.raises(ValueError, match="z is on cpu but the module's parameters are on meta"):
         fsq(torch.randn(2, 16))
+
+
+def test_backend_choice_reads_no_tensor_data():
+    """Dispatch decides from device type, dtype and levels alone (so compile/export trace it)."""
+    from fsq_kernels.ops import _reference, backends
+
+    # A float64 decode of CUDA indices runs on the reference, decided without a GPU.
+    chosen = backends.resolve("auto", torch.device("cuda"), torch.float64, (8, 5, 5, 5), "t", "indices_to_codes")
+    assert chosen is _reference
+    # Devices without fused kernels go to the reference.
+    assert backends.resolve("auto", torch.device("meta"), torch.float32, (8, 5, 5, 5), "t") is _reference
+    if "cpp" in fsq_kernels.available_backends():
+        assert backends.resolve("auto", torch.device("cpu"), torch.float32, (8, 5, 5, 5), "t") is backends.module("cpp")
+    with pytest.raises(ValueError, match="available_backends: op must be one of"):
+        fsq_kernels.available_backends("decode")
+
+
+@pytest.mark.parametrize("levels", [[3] * 17, [2**24 + 1, 2]], ids=["17_channels", "huge_level"])
+def test_auto_handles_level_sets_beyond_the_cpp_limits(levels):
+    """`auto` on a CPU tensor accepts every level set the reference accepts (bug in review)."""
+    z = torch.randn(3, len(levels), dtype=torch.float64)
+    codes, indices = fsq_kernels.quantize(z, levels)
+    ref_codes, ref_indices = fsq_kernels.quantize(z, levels, backend="reference")
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(codes, ref_codes)

@@ -1,106 +1,29 @@
-"""The op layer: the public functional API, input validation and backend choice.
+"""The op layer: the public functional API and its input validation.
 
-Every public call is validated here (kernels assume valid input), then handed to one backend
-module (docs/BACKENDS.md): the reference, the C++/CUDA extension (`native`) or Triton. Each fused
-backend's module owns its torch.library registration, fake implementations and autograd.
+Every public call is validated here (kernels assume valid input), then handed to the backend
+module that `backends.resolve` picks (docs/design.md, "Backends"): the reference, the C++/CUDA
+extension (`native`) or Triton. Each fused backend's module owns its torch.library registration,
+fake implementations and autograd. Nothing here imports, reads tensor values on the host, or
+syncs with a device inside a call, so torch.compile(fullgraph=True) and torch.export trace it
+(the one data-dependent check, the CPU index range, has a traceable form; see _check_index_range).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
 import numbers
-import os
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .. import reference
+from .backends import BACKENDS, available_backends, resolve  # noqa: F401  (BACKENDS: re-exported)
 
-BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# float64 runs where its math can be float64: the reference and the CPU kernels.
-_FLOAT64_BACKENDS = ("reference", "cpp")
 
 __all__ = [
     "available_backends", "codes_to_indices", "indices_to_codes", "quantize", "residual_quantize", "validate_levels",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Backends
-# ---------------------------------------------------------------------------------------------
-
-_MODULE_OF_BACKEND = {"cpp": "native", "cuda": "native", "triton": "triton"}
-_DEVICE_OF_BACKEND = {"cpp": "cpu", "cuda": "cuda"}
-
-
-@functools.cache
-def _backend_module(name: str):
-    """The op-layer module of a fused backend, or None when it cannot be imported here."""
-    try:
-        return importlib.import_module(f"{__name__}.{_MODULE_OF_BACKEND[name]}")
-    except ImportError:
-        return None
-
-
-def _triton_devices() -> tuple[str, ...]:
-    # Under TRITON_INTERPRET=1 Triton kernels run on CPU tensors.
-    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
-
-
-def _backend_runs_on(name: str, device_type: str, op: str = "quantize") -> bool:
-    if name == "reference":
-        return True
-    module = _backend_module(name)
-    if module is None or not hasattr(module, op):
-        return False
-    if name == "triton":
-        return device_type in _triton_devices() and module.is_available(device_type)
-    return device_type == _DEVICE_OF_BACKEND[name] and module.is_available(device_type)
-
-
-def available_backends(op: str = "quantize") -> list[str]:
-    """`reference` always; `cpp` when the extension is built; `cuda` when it is built with CUDA
-    and a GPU is visible; `triton` when a GPU is visible or TRITON_INTERPRET=1 is set.
-    `op` ("quantize", "indices_to_codes" or "residual_quantize") narrows the list to the backends
-    that implement that op."""
-    names = ["reference"]
-    if _backend_runs_on("cpp", "cpu", op):
-        names.append("cpp")
-    if torch.cuda.is_available() and _backend_runs_on("cuda", "cuda", op):
-        names.append("cuda")
-    if _backend_runs_on("triton", "cuda" if torch.cuda.is_available() else "cpu", op):
-        names.append("triton")
-    return names
-
-
-def _resolve_backend(backend: str, tensor: Tensor, caller: str, op: str = "quantize") -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"{caller}: backend must be one of {list(BACKENDS)}; got {backend!r}")
-    device_type = tensor.device.type
-    if backend == "auto":
-        if device_type == "cuda":
-            candidates = ("cuda", "triton") if tensor.dtype != torch.float64 else ()
-        elif device_type == "cpu":
-            candidates = ("cpp",)
-        else:  # mps, xpu, ...
-            candidates = ()
-        return next((name for name in candidates if _backend_runs_on(name, device_type, op)), "reference")
-    if backend != "reference" and _backend_runs_on(backend, device_type) and not _backend_runs_on(backend, device_type, op):
-        raise ValueError(f"{caller}: backend {backend!r} does not implement {op} yet; use backend='auto' or 'reference'")
-    if not _backend_runs_on(backend, device_type, op):
-        raise ValueError(
-            f"{caller}: backend {backend!r} is not available for a tensor on device {str(tensor.device)!r}; "
-            f"available backends: {available_backends()}"
-        )
-    if tensor.is_floating_point() and tensor.dtype == torch.float64 and backend not in _FLOAT64_BACKENDS:
-        raise TypeError(
-            f"{caller}: backend {backend!r} supports float16, bfloat16 and float32 inputs; got torch.float64 "
-            f"(use backend='reference' or 'cpp' for float64)"
-        )
-    return backend
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +87,26 @@ def _validate_channels(x: Tensor, name: str, levels, num_codebooks: int, channel
         )
 
 
+def _validate_active_stages(active_stages, num_stages: int, x, caller: str):
+    """None (every stage), or a 0-d integer tensor on x's device for the backends."""
+    if isinstance(active_stages, Tensor):
+        if active_stages.dim() != 0 or active_stages.is_floating_point() or active_stages.dtype == torch.bool:
+            raise ValueError(
+                f"{caller}: active_stages must be an int or a 0-d integer tensor; got a {active_stages.dtype} "
+                f"tensor of shape {tuple(active_stages.shape)}"
+            )
+        if active_stages.device != x.device:
+            raise ValueError(f"{caller}: active_stages must be on x's device {x.device}; got {active_stages.device}")
+        return active_stages
+    if active_stages is None:
+        return None
+    if isinstance(active_stages, bool) or not isinstance(active_stages, numbers.Integral) or not 0 <= active_stages <= num_stages:
+        raise ValueError(f"{caller}: active_stages must be an int in [0, num_stages={num_stages}]; got {active_stages!r}")
+    if active_stages == num_stages:
+        return None
+    return torch.full((), int(active_stages), dtype=torch.int64, device=x.device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------
@@ -193,27 +136,31 @@ def quantize(
     num_codebooks = _validate_num_codebooks(num_codebooks, caller)
     _validate_float_tensor(z, "z", caller)
     _validate_channels(z, "z", levels, num_codebooks, channel_first, caller)
-    name = _resolve_backend(backend, z, caller)
-    args = (levels, variant, bool(hard_clamp), bool(channel_first), num_codebooks, bool(return_indices))
-    if name == "reference":
-        return reference.quantize(
-            z, levels, variant=variant, hard_clamp=bool(hard_clamp), channel_first=bool(channel_first),
-            num_codebooks=num_codebooks, return_indices=bool(return_indices),
-        )
-    return _backend_module(name).quantize(z, *args)
+    runner = resolve(backend, z.device, z.dtype, levels, caller)
+    return runner.quantize(
+        z, levels, variant, bool(hard_clamp), bool(channel_first), num_codebooks, bool(return_indices)
+    )
 
 
 def _check_index_range(indices: Tensor, levels, caller: str) -> None:
-    # A device-side check would need a host sync; CUDA indices are not checked (documented).
-    if indices.device.type != "cpu" or indices.numel() == 0:
+    """CPU indices must lie in [0, prod(levels)).
+
+    Eager: ValueError naming the first bad value. Under torch.compile / torch.export the values are
+    not known while tracing, so the check becomes an op in the graph (torch._assert_async) that
+    raises RuntimeError when the compiled program runs. CUDA indices are not checked: the check
+    would need a host sync (documented in the README)."""
+    if indices.device.type != "cpu":
         return
     size = reference.codebook_size(levels)
+    message = f"{caller}: indices must lie in [0, {size}) for levels {list(levels)}"
+    if torch.compiler.is_compiling():
+        torch._assert_async(((indices >= 0) & (indices < size)).all(), message)
+        return
+    if indices.numel() == 0:
+        return
     low, high = int(indices.min()), int(indices.max())
     if low < 0 or high >= size:
-        bad = low if low < 0 else high
-        raise ValueError(
-            f"{caller}: indices must lie in [0, {size}) for levels {list(levels)}; got {bad}"
-        )
+        raise ValueError(f"{message}; got {low if low < 0 else high}")
 
 
 def indices_to_codes(
@@ -251,12 +198,8 @@ def indices_to_codes(
     if indices.dim() < min_dims:
         raise ValueError(f"{caller}: channel_first=True needs a batch axis; got indices of shape {tuple(indices.shape)}")
     _check_index_range(indices, levels, caller)
-    name = _resolve_backend(backend, indices, caller, "indices_to_codes")
-    if name == "reference":
-        return reference.indices_to_codes(
-            indices, levels, variant=variant, channel_first=bool(channel_first), num_codebooks=num_codebooks, dtype=dtype
-        )
-    return _backend_module(name).indices_to_codes(indices, levels, variant, bool(channel_first), num_codebooks, dtype)
+    runner = resolve(backend, indices.device, dtype, levels, caller, "indices_to_codes")
+    return runner.indices_to_codes(indices, levels, variant, bool(channel_first), num_codebooks, dtype)
 
 
 def codes_to_indices(
@@ -288,7 +231,7 @@ def residual_quantize(
     hard_clamp: bool = True,
     soft_clamp: Sequence[float] | None = None,
     channel_first: bool = False,
-    active_stages: int | None = None,
+    active_stages: int | Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Residual FSQ over num_stages stages (vector-quantize-pytorch's ResidualFSQ quantization).
@@ -296,17 +239,15 @@ def residual_quantize(
     x (..., d) or (B, d, ...) with d = len(levels) is soft-clamped (tanh(x / c) * c) when
     soft_clamp is given; stage s quantizes residual / L^-s with the `symmetric` variant. Returns
     (sum of the stages' scaled codes, indices) with indices (..., num_stages), or (B, num_stages,
-    ...) for channel-first input. Stages from active_stages on are dropped (index -1).
+    ...) for channel-first input. Stages from active_stages on are dropped (index -1): an int, or a
+    0-d integer tensor on x's device (quantize dropout draws it there, so nothing syncs with the
+    host and a compiled or exported graph keeps it as data).
     """
     caller = "fsq_kernels.residual_quantize"
     levels = validate_levels(levels, caller)
     if isinstance(num_stages, bool) or not isinstance(num_stages, numbers.Integral) or num_stages < 1:
         raise ValueError(f"{caller}: num_stages must be an int >= 1; got {num_stages!r}")
     num_stages = int(num_stages)
-    if active_stages is None:
-        active_stages = num_stages
-    if isinstance(active_stages, bool) or not isinstance(active_stages, numbers.Integral) or not 0 <= active_stages <= num_stages:
-        raise ValueError(f"{caller}: active_stages must be an int in [0, num_stages={num_stages}]; got {active_stages!r}")
     if soft_clamp is not None:
         soft_clamp = tuple(float(c) for c in soft_clamp)
         if len(soft_clamp) != len(levels) or any(not c > 0 for c in soft_clamp):
@@ -315,12 +256,8 @@ def residual_quantize(
             )
     _validate_float_tensor(x, "x", caller)
     _validate_channels(x, "x", levels, 1, channel_first, caller)
-    name = _resolve_backend(backend, x, caller, "residual_quantize")
-    if name == "reference":
-        return reference.residual_quantize(
-            x, levels, num_stages, hard_clamp=bool(hard_clamp), soft_clamp=soft_clamp,
-            channel_first=bool(channel_first), active_stages=int(active_stages),
-        )
-    return _backend_module(name).residual_quantize(
-        x, levels, num_stages, bool(hard_clamp), soft_clamp, bool(channel_first), int(active_stages)
+    active_stages = _validate_active_stages(active_stages, num_stages, x, caller)
+    runner = resolve(backend, x.device, x.dtype, levels, caller, "residual_quantize")
+    return runner.residual_quantize(
+        x, levels, num_stages, bool(hard_clamp), soft_clamp, bool(channel_first), active_stages
     )
