@@ -302,3 +302,30 @@ def test_exported_program_runs_in_a_fresh_process(tmp_path):
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_no_host_sync_on_cuda(backend):
+    """Forward and backward of every module, quantize dropout's shared draw included, run with
+    CUDA's sync debug mode set to raise on any host synchronisation."""
+    if backend not in fsq_kernels.available_backends():
+        pytest.skip(f"{backend} not available")
+    modules = [
+        (FSQ(LEVELS, dim=32, backend=backend), (6, 5, 32)),
+        (ResidualFSQ(levels=LEVELS, num_quantizers=4, dim=16, quantize_dropout=True, backend=backend), (6, 5, 16)),
+        (GroupedResidualFSQ(dim=16, groups=2, levels=LEVELS, num_quantizers=3, quantize_dropout=True, backend=backend),
+         (6, 5, 16)),
+    ]
+    for module, shape in modules:
+        module = module.cuda().train()
+        x = torch.randn(shape, device="cuda", requires_grad=True)
+        module(x)  # warm-up: lazy initialisation may sync once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = module(x)[0]
+            out.square().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

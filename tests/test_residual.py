@@ -165,3 +165,22 @@ def test_residual_errors():
         ResidualFSQ(levels=LEVELS, num_quantizers=2, soft_clamp_input_value=1.2)
     with pytest.raises(ValueError, match="needs quantize_dropout=True"):
         ResidualFSQ(levels=LEVELS, num_quantizers=4).get_codes_from_indices(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_quantize_dropout_draw_only_when_dropping():
+    """Without quantize dropout a training forward draws nothing (no RNG use, no DDP all_reduce);
+    with it, the draw is a device tensor and every kept-stage count in range occurs."""
+    grouped = GroupedResidualFSQ(dim=8, groups=2, levels=[5, 5, 5, 5], num_quantizers=4).train()
+    x = torch.randn(3, 5, 8)
+    state = torch.get_rng_state()
+    grouped(x)
+    assert torch.equal(torch.get_rng_state(), state)
+
+    dropping = ResidualFSQ(levels=[5, 5, 5, 5], num_quantizers=4, quantize_dropout=True,
+                           quantize_dropout_cutoff_index=1).train()
+    torch.manual_seed(0)
+    kept = set()
+    for _ in range(60):
+        _, indices = dropping(torch.randn(2, 3, 4))
+        kept.add(int((indices[0, 0] >= 0).sum()))
+    assert kept == {2, 3, 4}  # cutoff index 1: at least 2 stages kept
