@@ -28,10 +28,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-try:
-    from .. import _C  # noqa: F401  (importing it registers torch.ops.fsq.*)
-except ImportError:  # built with FSQ_KERNELS_NO_EXTENSION=1, or not built at all
-    _C = None
+from .. import _extension
+
+# Importing _C registers torch.ops.fsq.*; None when not built (silent) or when it fails to load
+# (_extension warns once with the error and how to rebuild).
+_C, _ = _extension.load()
 
 __all__ = ["indices_to_codes", "is_available", "quantize", "residual_quantize", "with_cuda"]
 
@@ -49,7 +50,7 @@ def is_available(device_type: str) -> bool:
     if device_type == "cpu":
         return True
     if device_type == "cuda":
-        return with_cuda() and torch.cuda.is_available()
+        return with_cuda() and torch.cuda.is_available() and _extension.cuda_arch_supported()[0]
     return False
 
 
