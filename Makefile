@@ -2,14 +2,17 @@
 #   make demo   trains the FSQ tokenizer + MaskGIT demo on the built-in data (the main job)
 #   make test   runs the test suite (what CI runs)
 # Both install torch and build the extension first (once; `make install` alone does just that).
+#   make check  python -m fsq_kernels check: every backend against the reference on this machine
+#   make bench  the quick benchmark report (every provider, vector-quantize-pytorch included)
 
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.14.1
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+BENCH_OUT ?= runs/bench-$(shell date +%Y%m%d-%H%M%S)
 STAMP := .build-stamp
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench check clean
 
 SHELL := /bin/bash
 # Without nvcc only the CPU kernels build, and there is no ptxas output to check.
@@ -34,5 +37,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PYTHON) -m fsq_kernels.train demo --out $(DEMO_OUT)
 
+check: $(STAMP)
+	$(PYTHON) -m fsq_kernels
+	$(PYTHON) -m fsq_kernels check
+
+bench: $(STAMP)
+	$(PYTHON) -m benchmarks.report --quick --out $(BENCH_OUT)
+
 clean:
-	rm -rf build $(STAMP) fsq_kernels/*.so
+	rm -rf build $(STAMP) fsq_kernels/*.so fsq_kernels/_build_info.py
