@@ -123,7 +123,7 @@ def run_bench(device: str = "cpu", tokens: int | None = None, quick: bool = Fals
     baseline; the others of `backends` when given)."""
     device_type = torch.device(device).type
     tokens = tokens or (1 << 24 if device_type == "cuda" else 1 << 20)
-    rep_ms = rep_ms or (100 if device_type == "cuda" else 300)
+    rep_ms = rep_ms or (50 if device_type == "cuda" else 300)
     timer = _timer(device_type, rep_ms)
     torch.manual_seed(0)
     rows = []

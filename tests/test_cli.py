@@ -223,3 +223,22 @@ def test_a_binary_for_another_python_counts_as_broken(tmp_path, monkeypatch):
     (tmp_path / f"_C{_ext_suffix()}.bak").write_bytes(b"")  # not an extension name: ignored
     monkeypatch.setattr(_extension, "_PACKAGE_DIR", str(tmp_path))
     assert [os.path.basename(p) for p in _extension._stray_binaries()] == [other]
+
+
+def test_gpu_session_dry_run_prints_a_plan_within_its_limits(tmp_path):
+    root = os.path.dirname(PACKAGE_DIR)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(out), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_session.sh"), "--dry-run"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    plan = proc.stdout
+    head = plan.splitlines()[0]
+    seconds = int(head.split("at most ")[1].split(" s")[0])
+    files = int(head.split(", ")[2].split(" files")[0])
+    assert seconds <= 360 and files <= 8, head
+    for step in ("build", "tests", "check --device cuda", "bench --device cuda --tokens 16777216", "large",
+                 "guard graph", "compile", "FSQ_TEST_DEVICE=cuda", "-n "):
+        assert step in plan, (step, plan)
+    assert not out.exists()  # a dry run writes nothing

@@ -6,7 +6,7 @@ tiny and the matrix is split: every variant x level set x dtype at a small size,
 x codebook count x dtype on one level set, and sampled combinations at 1 and 1003 tokens.
 
 GPU: `FSQ_TEST_DEVICE=cuda pytest tests/test_triton.py` runs the same suite on CUDA tensors
-(scripts/gpu_check.py does that and then benchmarks).
+(scripts/gpu_session.sh does that on a GPU machine, with the other GPU checks).
 """
 
 from __future__ import annotations
