@@ -144,22 +144,31 @@ def test_ddp_two_processes_gloo_keep_identical_weights(tmp_path, stage, tiny_tok
             assert torch.equal(w0[part][k], w1[part][k]), f"{part}.{k} differs between ranks"
     ck = _ckpt(out, 4)
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2
+    assert ck["config"]["tok_batch" if stage == "tokenizer" else "mg_batch"] == 8  # global: 4 per rank
     # the ranks drew different random streams (masks / data), yet agree on the weights
     assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
     assert all(torch.isfinite(v).all() for v in w0["model"].values() if v.is_floating_point())
+    if stage == "tokenizer":  # the same run resumes on one process, with the same global batch
+        p = _train(stage, "--out", out, "--resume", "--steps", "5", "--device", "cpu")
+        assert "written by 2 ranks, now 1" in p.stderr and _ckpt(out, 5)["config"]["tok_batch"] == 8
+
+
+def make_image_folder(root, per_class: int, height: int, width: int) -> None:
+    """root/a/*.png and root/b/*.png: random RGB images of a fixed seed."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        os.makedirs(root / c)
+        for i in range(per_class):
+            arr = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / c / f"{i}.png")
 
 
 def test_image_folder_training_path(tmp_path):
     """Image folders go through a DataLoader with workers, and MaskGIT tokenizes them per batch."""
-    from PIL import Image
-
     root = tmp_path / "imgs"
-    g = torch.Generator().manual_seed(0)
-    for c in ("a", "b"):
-        os.makedirs(root / c)
-        for i in range(12):
-            arr = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(root / c / f"{i}.png")
+    make_image_folder(root, 12, 20, 24)
     common = ["--preset", "tiny", "--device", "cpu", "--data", f"folder:{root}", "--set", "image_size=16", "--set", "num_workers=1",
               "--set", "num_val=4", "--set", "num_train=0", "--steps", "2"]
     _train("tokenizer", *common, "--out", str(tmp_path / "tok"))

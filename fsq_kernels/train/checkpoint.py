@@ -128,11 +128,11 @@ def load_checkpoint(path: str, stage: str | None = None) -> dict:
     return _upgrade(ck)
 
 
-def resolve_checkpoint(path_or_dir: str, stage: str) -> dict:
-    """A stage's checkpoint file, or the latest one in its folder."""
+def resolve_checkpoint(path_or_dir: str, stage: str | None) -> dict:
+    """A checkpoint file (of `stage`, when given), or the latest one in its folder."""
     path = path_or_dir
     if os.path.isdir(path_or_dir):
         path = latest_checkpoint(path_or_dir)
         if path is None:
-            raise CheckpointError(f"no checkpoints (ckpt_*.pt) in {path_or_dir}; train the {stage} stage first")
+            raise CheckpointError(f"no checkpoints (ckpt_*.pt) in {path_or_dir}; train the {stage or 'stage'} first")
     return load_checkpoint(path, stage)

@@ -9,6 +9,8 @@ evaluate, export and pretokenize.
     fsq-train export    --from runs/tok --out exports/tok    # model.safetensors + config.json
     fsq-train tokenize  --tokenizer runs/tok --out runs/codes  # tokens.npy, labels.npy, meta.json
     fsq-train study     --out runs/study [--quick]   # FSQ vs VQ codebook study
+    fsq-train uvim      --task depth --out runs/uvim  # UViM: both stages, metrics.json, grid.png
+    fsq-train uvim-study --out runs/uvim-study [--quick]   # UViM: every task x quantizer
 
 Training runs unchanged under ``torchrun --nproc_per_node N`` (DDP; nccl on GPUs, gloo on CPU).
 ``--resume`` takes the config and seed from the latest checkpoint; see fsq_kernels/train/config.py
@@ -35,6 +37,7 @@ from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .config import PRESETS, ConfigError, config_from_dict, make_config, parse_overrides, reconcile_resume
 from .distributed import cleanup_distributed, setup_distributed
 from .logs import configure_logging, log
+from .pretokenize import CodesError
 from .runner import RunExistsError
 
 __all__ = ["main", "build_parser", "resolve_config"]
@@ -42,7 +45,8 @@ __all__ = ["main", "build_parser", "resolve_config"]
 SAMPLING_KEYS = ("decode_steps", "choice_temperature", "cfg_scale", "sample_temperature", "samples_per_class",
                  "clf_steps", "clf_batch", "clf_lr", "clf_blur", "precision")
 DATA_SET_KEYS = ("image_size", "num_train", "num_val", "shape_size", "shape_jitter", "skip_bad_images")
-RUNTIME_ERRORS = (CheckpointError, RunExistsError, UnreadableImagesError, PretrainedError, FileNotFoundError)
+RUNTIME_ERRORS = (CheckpointError, RunExistsError, UnreadableImagesError, PretrainedError, CodesError,
+                  FileNotFoundError)
 
 
 def _training_flags() -> argparse.ArgumentParser:
@@ -107,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None, help="data seed (default: the tokenizer's)")
     _device_flag(t)
     sub.add_parser("study", add_help=False, help="FSQ vs VQ codebook usage / PSNR vs codebook size (study -h)")
+    sub.add_parser("uvim", add_help=False, help="UViM with an FSQ guiding code on a procedural dense task (uvim -h)")
+    sub.add_parser("uvim-study", add_help=False, help="UViM: every task with every quantizer (uvim-study -h)")
     return p
 
 
@@ -222,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         from .study import main as study_main
 
         return study_main(argv[1:])
+    if argv[:1] in (["uvim"], ["uvim-study"]):  # UViM has its own options (train/uvim.py, train/uvim_study.py)
+        from .uvim import main as uvim_main
+        from .uvim_study import main as uvim_study_main
+
+        return (uvim_main if argv[0] == "uvim" else uvim_study_main)(argv[1:])
     args = build_parser().parse_args(argv)  # usage errors: exit status 2
     configure_logging(int(os.environ.get("RANK", "0")))
     t0 = time.time()
@@ -235,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.cfg.threads > 0:
                 torch.set_num_threads(args.cfg.threads)
         torch.set_flush_denormal(True)
-        ctx = setup_distributed(None if args.device == "auto" else args.device)
+        device = getattr(args, "device", "cpu")  # export reads and writes on the CPU
+        ctx = setup_distributed(None if device == "auto" else device)
         try:
             _run(args, ctx, t0)
         finally:

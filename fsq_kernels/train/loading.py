@@ -17,7 +17,7 @@ from .checkpoint import resolve_checkpoint
 from .config import Config, config_from_dict
 
 __all__ = ["build_tokenizer", "code_table", "build_maskgit", "is_export", "load_tokenizer", "load_maskgit",
-           "token_meta", "tokenize_dataset"]
+           "token_meta", "tokenize_dataset", "training_seed"]
 
 
 def build_tokenizer(cfg: Config) -> FSQTokenizer:
@@ -65,6 +65,13 @@ def load_tokenizer(path: str, device: torch.device) -> tuple[FSQTokenizer, Confi
     if tcfg.channels_last:
         tok.to(memory_format=torch.channels_last)
     return tok, tcfg
+
+
+def training_seed(path: str) -> int:
+    """The seed a run, checkpoint or export was trained with (its data split depends on it)."""
+    if is_export(path):
+        return int(_export_config(path).get("training_config", {}).get("seed", 0))
+    return int(resolve_checkpoint(path, None)["seed"])
 
 
 def load_maskgit(path: str, device: torch.device) -> tuple[MaskGIT, Config, dict]:

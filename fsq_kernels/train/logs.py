@@ -18,12 +18,14 @@ log = logging.getLogger("fsq_kernels.train")
 
 
 def configure_logging(rank: int, level: int = logging.INFO) -> None:
-    """INFO and up to stderr on rank 0; other ranks report errors only."""
+    """The package's loggers (fsq_kernels.*: training, data checks): INFO and up to stderr on
+    rank 0; other ranks report errors only."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[fsq-train] %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level if rank == 0 else logging.ERROR)
-    log.propagate = False
+    root = logging.getLogger("fsq_kernels")
+    root.handlers[:] = [handler]
+    root.setLevel(level if rank == 0 else logging.ERROR)
+    root.propagate = False
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -68,7 +68,7 @@ class MaskGITStage(Stage):
             self._setup_tokenizer()
 
     def _setup_codes(self) -> None:
-        from .pretokenize import read_codes
+        from .pretokenize import as_long, read_codes
 
         codes = read_codes(self.codes)
         self.meta = codes.meta_for_maskgit()
@@ -77,8 +77,7 @@ class MaskGITStage(Stage):
                 setattr(self.cfg, k, v)
         self.train_tokens, self.train_labels = codes.tokens, codes.labels
         n = min(VAL_SEQUENCES, codes.val_tokens.shape[0])
-        self.val_tok = torch.from_numpy(codes.val_tokens[:n].astype("int64"))
-        self.val_lab = torch.from_numpy(codes.val_labels[:n].astype("int64"))
+        self.val_tok, self.val_lab = as_long(codes.val_tokens[:n]), as_long(codes.val_labels[:n])
         self.tok = None
 
     def _setup_tokenizer(self) -> None:
@@ -125,9 +124,10 @@ class MaskGITStage(Stage):
             if isinstance(self.train_tokens, Tensor):
                 yield self.train_tokens[i], self.train_labels[i]
             else:  # memory-mapped pretokenized files
+                from .pretokenize import as_long
+
                 idx = i.numpy()
-                yield (torch.from_numpy(self.train_tokens[idx].astype("int64")),
-                       torch.from_numpy(self.train_labels[idx].astype("int64")))
+                yield as_long(self.train_tokens[idx]), as_long(self.train_labels[idx])
 
     def step(self, parts: Parts, step: int, batch) -> dict:
         cfg, device = self.cfg, self.ctx.device
