@@ -175,3 +175,18 @@ def test_image_folder_training_path(tmp_path):
     _train("maskgit", *common, "--out", str(tmp_path / "mg"), "--tokenizer", str(tmp_path / "tok"))
     ck = _ckpt(str(tmp_path / "mg"), 2)
     assert ck["extra"]["num_tokens"] == 16 and ck["extra"]["class_names"] == ["a", "b"]
+
+
+def test_tokenize_sharded_over_two_ranks_matches_one(tmp_path, tiny_tokenizer):
+    import numpy as np
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _train("tokenize", "--tokenizer", tiny_tokenizer, "--out", one, "--device", "cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fsq_kernels.train", "tokenize", "--tokenizer", tiny_tokenizer, "--out", two, "--device", "cpu",
+           "--batch", "50"]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in ("tokens.npy", "labels.npy", "val_tokens.npy", "val_labels.npy"):
+        assert np.array_equal(np.load(os.path.join(one, name)), np.load(os.path.join(two, name))), name
+    assert not [f for f in os.listdir(two) if ".tmp" in f]
