@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", action="append", choices=("reference", "cpp", "cuda", "triton"), default=None,
                        help="only this backend (repeatable; default: every available one)")
         if name == "bench":
-            p.add_argument("--tokens", type=int, default=None, help="tokens per case (default 2^24 on CUDA, 2^20 on CPU)")
+            p.add_argument("--tokens", type=int, default=None, help="tokens per case (default 2^24 on CUDA; 2^18 on CPU, 2^16 with --quick)")
     return parser
 
 

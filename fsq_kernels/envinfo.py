@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import textwrap
 
 import torch
 
@@ -194,6 +195,6 @@ def format_info(info: dict) -> str:
         lines.append(f"  {name:<10} {'yes' if b['available'] else 'no':<4} {b['why']}")
     auto = info["auto"]
     lines.append(f"backend='auto': CPU tensors -> {auto['cpu']}; CUDA tensors -> {auto['cuda'] or 'n/a (no GPU)'}")
-    lines.append(f"Matching rule of `check`: {info['matching_rule']}")
+    lines += textwrap.wrap(f"Matching rule of `check`: {info['matching_rule']}", width=100, subsequent_indent="  ")
     lines.append("Next: python -m fsq_kernels check [--device cpu|cuda] [--quick]; python -m fsq_kernels bench")
     return "\n".join(lines)

@@ -34,10 +34,30 @@ for version in "${VERSIONS[@]}"; do
   fi
   got=$("$venv/bin/python" -c "import triton; print(triton.__version__)" 2>>"$log")
   start=$(date +%s)
+  # each kernel case on its own, so that one that does not compile does not hide the others
+  cases=$(env -u TRITON_INTERPRET PYTHONPATH="$ROOT" "$venv/bin/python" - 2>>"$log" <<'PY'
+import importlib.util, json
+spec = importlib.util.spec_from_file_location("static", "tests/test_triton_static.py")
+m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+jobs = [(m._case, (k, dt, lay, cc)) for cc in m.TARGETS for k in m.KERNELS for dt in m.DTYPES for lay in m.LAYOUTS]
+jobs += [(m._residual_case, (k, dt, lay, cc)) for cc in m.TARGETS for k, dt, lay in m.RESIDUAL_CASES]
+ok, bad, spills = 0, [], 0
+for fn, args in jobs:
+    try:
+        case = fn(*args)
+        ok += 1
+        spills += case["spill_store_bytes"] + case["spill_load_bytes"]
+    except Exception as exc:
+        bad.append(f"{'/'.join(map(str, args))}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}")
+print(f"{ok}/{len(jobs)} kernel cases compiled, {spills} spill bytes" + "".join(f"\n    not compiled: {b}" for b in bad))
+PY
+)
+  echo "$cases" >>"$log"
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_triton_static.py >>"$log" 2>&1
   rc=$?
-  result=$(grep -E "^[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s" "$log" | tail -n 1)
-  echo "triton $got (venv $venv): ${result:-no pytest summary, see $log} [$(( $(date +%s) - start )) s]"
+  result=$(grep -E "(passed|failed|error).* in [0-9.]+s" "$log" | tail -n 1)
+  echo "triton $got (venv $venv): $cases"
+  echo "    tests/test_triton_static.py: ${result:-no pytest summary, see $log} [$(( $(date +%s) - start )) s]"
   (( rc == 0 )) || failed=1
 done
 exit $failed

@@ -53,3 +53,43 @@ def expected_grad(z: torch.Tensor, levels, variant: str, hard_clamp: bool, chann
 @pytest.fixture
 def device():
     return torch.device(TEST_DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-aware parametrization: a backend's tensors are built on the device it runs on
+# ---------------------------------------------------------------------------------------------
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where `backend`'s inputs live in this run: `cuda` on the GPU, `cpp` on the CPU, `triton` on
+    the GPU with FSQ_TEST_DEVICE=cuda (else in the interpreter, on the CPU), `reference` on the
+    test device."""
+    if backend == "cuda":
+        return torch.device("cuda")
+    if backend == "cpp":
+        return torch.device("cpu")
+    return torch.device(TEST_DEVICE)
+
+
+def backend_params(op: str = "quantize") -> list:
+    """pytest params (backend, device) for every backend available here that implements `op`;
+    GPU backends carry the `gpu` marker."""
+    import fsq_kernels
+
+    params = []
+    for name in fsq_kernels.available_backends(op):
+        dev = backend_device(name)
+        params.append(pytest.param(name, dev, id=name, marks=[pytest.mark.gpu] if dev.type == "cuda" else []))
+    return params
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip where no GPU is visible."""
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a visible CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
