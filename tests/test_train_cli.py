@@ -57,6 +57,15 @@ def test_bad_set_values_exit_2(tmp_path, item, message, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_device_cuda_without_a_gpu_is_a_usage_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert main(["tokenizer", "--preset", "tiny", "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
 def test_sample_set_takes_only_sampling_keys(tmp_path, capsys):
     assert main(["sample", "--out", str(tmp_path), "--tokenizer", "t", "--maskgit", "m", "--device", "cpu",
                  "--set", "tok_lr=1"]) == 2

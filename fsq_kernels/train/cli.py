@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(args.cfg.threads)
         torch.set_flush_denormal(True)
         device = getattr(args, "device", "cpu")  # export reads and writes on the CPU
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
         ctx = setup_distributed(None if device == "auto" else device)
         try:
             _run(args, ctx, t0)
