@@ -30,7 +30,7 @@ inline std::string repr_levels(c10::IntArrayRef levels) {
 }
 
 struct Setup {
-  std::vector<HostChannel> ch;
+  std::vector<int64_t> levels;
   int32_t variant = kPaper;
   bool hard_clamp = false;
   int64_t d = 0;
@@ -66,10 +66,73 @@ inline Setup make_setup(const char* op, c10::IntArrayRef levels, c10::string_vie
     TORCH_CHECK_VALUE(s.prod <= std::numeric_limits<int64_t>::max() / L, op,
                       ": prod(levels) must fit in int64, got levels=", repr_levels(levels));
     s.prod *= L;
-    s.ch.push_back(host_channel(L, s.variant, hard_clamp));
+    s.levels.push_back(L);
   }
   s.index64 = s.prod > int64_t{2147483647};
   return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table argument (fsq_kernels/ops/tables.py is its only author): per channel kTableFields
+// values (k0, nb, shift, grad_coef, code_mul, code_sub, code_den, half_l, offset), then every
+// channel's nb finite comparison boundaries, then `extra` values (residual: the stage scales).
+// Parsing converts to the math type T; the float32 table holds float32 values, so this is exact.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kTableFields = 9;
+
+template <typename T>
+struct Table {
+  ChannelParams<T> p;
+  std::vector<T> bounds;  // boundaries, channel i from p.boff[i], each padded to `pad` with NaN
+  std::vector<T> extra;
+};
+
+template <typename T>
+inline Table<T> parse_table(const char* op, c10::ArrayRef<double> table, const Setup& s,
+                            int32_t pad, int64_t extra) {
+  Table<T> t;
+  std::memset(&t.p, 0, sizeof(t.p));
+  ChannelParams<T>& p = t.p;
+  const int64_t d = s.d;
+  p.d = static_cast<int32_t>(d);
+  p.num_codebooks = static_cast<int32_t>(s.num_codebooks);
+  p.hard_clamp = s.hard_clamp ? 1 : 0;
+  p.ties_up = s.variant == kSymmetric ? 1 : 0;
+  p.index64 = s.index64 ? 1 : 0;
+  const int64_t n = static_cast<int64_t>(table.size());
+  TORCH_CHECK_VALUE(n >= kTableFields * d, op, ": table must hold ", kTableFields,
+                    " values per channel and the boundaries (fsq_kernels.ops.tables), got ", n,
+                    " values for levels=", repr_levels(s.levels));
+  int64_t at = kTableFields * d, basis = 1;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t i = 0; i < d; ++i) {
+    const double* f = table.data() + i * kTableFields;
+    const int64_t L = s.levels[i];
+    const int64_t k0 = static_cast<int64_t>(f[0]), nb = static_cast<int64_t>(f[1]);
+    TORCH_CHECK_VALUE(f[0] == k0 && f[1] == nb && k0 >= 0 && nb >= 0 && k0 + nb <= L - 1 &&
+                          at + nb <= n,
+                      op, ": table does not match levels=", repr_levels(s.levels), " (channel ",
+                      i, ": k0=", f[0], ", nb=", f[1], ")");
+    p.L[i] = static_cast<int32_t>(L);
+    p.basis[i] = basis;
+    basis *= L;
+    p.k0[i] = static_cast<int32_t>(k0);
+    p.nb[i] = static_cast<int32_t>(nb);
+    p.shift[i] = static_cast<T>(f[2]);
+    p.coef[i] = static_cast<T>(f[3]);
+    p.num_mul[i] = static_cast<T>(f[4]);
+    p.num_sub[i] = static_cast<T>(f[5]);
+    p.den[i] = static_cast<T>(f[6]);
+    p.boff[i] = static_cast<int32_t>(t.bounds.size());
+    for (int64_t b = 0; b < nb; ++b) t.bounds.push_back(static_cast<T>(table[at + b]));
+    while ((t.bounds.size() - p.boff[i]) % pad) t.bounds.push_back(nan);  // never exceeded
+    at += nb;
+  }
+  TORCH_CHECK_VALUE(n - at == extra, op, ": table must end with ", extra, " values after the ",
+                    "boundaries for levels=", repr_levels(s.levels), ", got ", n - at);
+  for (int64_t e = at; e < n; ++e) t.extra.push_back(static_cast<T>(table[e]));
+  return t;
 }
 
 inline int64_t channel_dim(int64_t ndim, bool channel_first) {
@@ -219,24 +282,17 @@ inline TokenGeom<NOPS> make_geom(c10::IntArrayRef shape, const c10::IntArrayRef*
 struct ResidualSetup {
   Setup s;                       // the symmetric level set (one codebook)
   int64_t num_stages = 1;
-  int64_t active_stages = 1;
   bool soft = false;
   std::vector<double> soft_clamp;  // one value per channel when `soft`
-  std::vector<float> scales;       // num_stages x d, float32 L^-s
 };
 
 inline ResidualSetup make_residual_setup(const char* op, c10::IntArrayRef levels,
                                          int64_t num_stages, bool hard_clamp,
-                                         std::optional<c10::ArrayRef<double>> soft_clamp,
-                                         int64_t active_stages) {
+                                         std::optional<c10::ArrayRef<double>> soft_clamp) {
   ResidualSetup r;
   r.s = make_setup(op, levels, "symmetric", hard_clamp, 1);
   TORCH_CHECK_VALUE(num_stages >= 1, op, ": num_stages must be an int >= 1, got ", num_stages);
-  TORCH_CHECK_VALUE(active_stages >= 0 && active_stages <= num_stages, op,
-                    ": active_stages must be an int in [0, num_stages=", num_stages, "], got ",
-                    active_stages);
   r.num_stages = num_stages;
-  r.active_stages = active_stages;
   if (soft_clamp.has_value()) {
     const c10::ArrayRef<double> c = *soft_clamp;
     bool ok = static_cast<int64_t>(c.size()) == r.s.d;
@@ -246,8 +302,30 @@ inline ResidualSetup make_residual_setup(const char* op, c10::IntArrayRef levels
     r.soft = true;
     r.soft_clamp.assign(c.begin(), c.end());
   }
-  r.scales = residual_scales_f32(std::vector<int64_t>(levels.begin(), levels.end()), num_stages);
   return r;
+}
+
+// active_stages (quantize dropout): None = every stage, else a 0-d integer tensor on x's device.
+inline void check_active_stages(const char* op, const std::optional<at::Tensor>& active,
+                                const at::Tensor& x) {
+  if (!active.has_value()) return;
+  const at::Tensor& a = *active;
+  TORCH_CHECK_TYPE(at::isIntegralType(a.scalar_type(), /*includeBool=*/false), op,
+                   ": active_stages must be an integer tensor, got dtype ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.numel() == 1, op, ": active_stages must be a 0-d tensor, got shape ",
+                    a.sizes());
+  TORCH_CHECK_VALUE(a.device() == x.device(), op, ": active_stages must be on the device of x (",
+                    x.device(), "), got ", a.device());
+}
+
+// The number of active stages of a CPU op (a read of a CPU scalar, no device sync).
+inline int64_t cpu_active_stages(const char* op, const std::optional<at::Tensor>& active,
+                                 int64_t num_stages) {
+  if (!active.has_value()) return num_stages;
+  const int64_t v = active->to(at::kLong).item<int64_t>();
+  TORCH_CHECK_VALUE(v >= 0 && v <= num_stages, op, ": active_stages must be an int in [0, ",
+                    "num_stages=", num_stages, "], got ", v);
+  return v;
 }
 
 // Indices of residual FSQ: x's shape with the channel axis replaced by the stage axis

@@ -27,7 +27,7 @@ namespace {
 constexpr int64_t kTile = 256;
 // Above this many finite boundaries per channel the forward uses a binary search per element.
 constexpr int32_t kLinearMax = 64;
-// Boundary arrays are padded with +inf to a multiple of this.
+// Boundary rows are padded with NaN (never exceeded) to a multiple of this.
 constexpr int32_t kBoundPad = 4;
 
 namespace cores_base {
@@ -46,7 +46,7 @@ namespace cores_avx2 {
 
 template <typename T>
 struct Cores {
-  void (*fwd)(const T*, int64_t, const T*, int32_t, int32_t, T, T, T, int64_t, T*, int64_t*,
+  void (*fwd)(const T*, int64_t, const T*, int32_t, int32_t, bool, T, T, T, int64_t, T*, int64_t*,
               uint8_t*);
   void (*bwd)(const T*, const T*, int64_t, T, T, bool, T*);
 };
@@ -135,29 +135,13 @@ inline int64_t grain_for(int64_t channels) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / (kTile * std::max<int64_t>(1, channels)));
 }
 
-template <typename T>
-struct KernelConsts {
-  ChannelParams<T> p;
-  std::vector<T> bounds;
-};
-
-template <typename T>
-KernelConsts<T> kernel_consts(const Setup& s) {
-  KernelConsts<T> kc;
-  std::memset(&kc.p, 0, sizeof(kc.p));
-  fill_channel_params<T>(s.ch, static_cast<int32_t>(s.num_codebooks), s.hard_clamp, s.index64,
-                         kc.p);
-  kc.bounds = make_kernel_bounds<T>(s.ch, kc.p, kBoundPad);
-  return kc;
-}
-
 // ----------------------------------------------------------------------------------------------
 // forward
 // ----------------------------------------------------------------------------------------------
 template <typename scalar_t, typename T>
 void forward_kernel(const at::Tensor& z, at::Tensor& codes, at::Tensor* idx, const Setup& s,
-                    bool channel_first) {
-  const KernelConsts<T> kc = kernel_consts<T>(s);
+                    bool channel_first, c10::ArrayRef<double> table) {
+  const Table<T> kc = parse_table<T>("fsq.quantize", table, s, kBoundPad, 0);
   const Cores<T> cores = pick_cores<T>();
   const c10::IntArrayRef strides[2] = {z.strides(), codes.strides()};
   const TokenGeom<2> g = make_geom<2>(z.sizes(), strides, channel_dim(z.dim(), channel_first));
@@ -186,8 +170,8 @@ void forward_kernel(const at::Tensor& z, at::Tensor& codes, at::Tensor* idx, con
         for (int64_t i = 0; i < d; ++i) {
           const int64_t c = j * d + i;
           gather<scalar_t, T>(zt, zp + off[0] + c * zcs, n, zis);
-          cores.fwd(zt, n, bnd + p.boff[i], p.nb[i], p.k0[i], p.num_mul[i], p.num_sub[i],
-                    p.den[i], p.basis[i], code, acc, nanf);
+          cores.fwd(zt, n, bnd + p.boff[i], p.nb[i], p.k0[i], p.ties_up != 0, p.num_mul[i],
+                    p.num_sub[i], p.den[i], p.basis[i], code, acc, nanf);
           scatter<scalar_t, T>(cp + off[1] + c * ccs, code, n, cis);
         }
         if (ip32) {
@@ -208,8 +192,8 @@ void forward_kernel(const at::Tensor& z, at::Tensor& codes, at::Tensor* idx, con
 // ----------------------------------------------------------------------------------------------
 template <typename scalar_t, typename T>
 void backward_kernel(const at::Tensor& gc, const at::Tensor& z, at::Tensor& gz, const Setup& s,
-                     bool channel_first) {
-  const KernelConsts<T> kc = kernel_consts<T>(s);
+                     bool channel_first, c10::ArrayRef<double> table) {
+  const Table<T> kc = parse_table<T>("fsq.quantize_backward", table, s, kBoundPad, 0);
   const Cores<T> cores = pick_cores<T>();
   const c10::IntArrayRef strides[3] = {z.strides(), gc.strides(), gz.strides()};
   const TokenGeom<3> g = make_geom<3>(z.sizes(), strides, channel_dim(z.dim(), channel_first));
@@ -243,10 +227,10 @@ void backward_kernel(const at::Tensor& gc, const at::Tensor& z, at::Tensor& gz, 
 // decode: indices -> codes. Out-of-range indices (including -1) raise ValueError.
 // ----------------------------------------------------------------------------------------------
 template <typename index_t, typename scalar_t, typename T>
-void decode_kernel(const at::Tensor& idx, at::Tensor& out, const Setup& s, bool channel_first) {
-  ChannelParams<T> p;
-  std::memset(&p, 0, sizeof(p));
-  fill_channel_params<T>(s.ch, static_cast<int32_t>(s.num_codebooks), false, s.index64, p);
+void decode_kernel(const at::Tensor& idx, at::Tensor& out, const Setup& s, bool channel_first,
+                   c10::ArrayRef<double> table) {
+  const Table<T> kc = parse_table<T>("fsq.indices_to_codes", table, s, 1, 0);
+  const ChannelParams<T>& p = kc.p;
   const c10::IntArrayRef strides[1] = {out.strides()};
   const TokenGeom<1> g = make_geom<1>(out.sizes(), strides, channel_dim(out.dim(), channel_first));
   const Tiling<1> tiling(g);
@@ -304,29 +288,19 @@ void decode_kernel(const at::Tensor& idx, at::Tensor& out, const Setup& s, bool 
 // ----------------------------------------------------------------------------------------------
 template <typename T>
 struct ResidualConsts {
-  std::vector<T> bounds;  // symmetric boundaries (ties up), padded with +inf to kBoundPad
-  std::vector<int32_t> nb, boff;
-  std::vector<int64_t> basis;
-  std::vector<T> lm1, soft, scales;  // scales: num_stages x d
+  Table<T> tab;                      // symmetric boundaries (NaN-padded), scales: num_stages x d
+  std::vector<T> lm1, soft;
 };
 
 template <typename T>
-ResidualConsts<T> residual_consts(const ResidualSetup& r) {
+ResidualConsts<T> residual_consts(const char* op, const ResidualSetup& r,
+                                  c10::ArrayRef<double> table) {
   ResidualConsts<T> rc;
-  ChannelParams<T> p;
-  std::memset(&p, 0, sizeof(p));
-  rc.bounds = make_kernel_bounds<T>(r.s.ch, p, kBoundPad);
-  const int64_t d = r.s.d;
-  int64_t basis = 1;
-  for (int64_t i = 0; i < d; ++i) {
-    rc.nb.push_back(p.nb[i]);  // symmetric: no infinite boundaries (k0 == 0)
-    rc.boff.push_back(p.boff[i]);
-    rc.basis.push_back(basis);
-    basis *= r.s.ch[i].L;
-    rc.lm1.push_back(static_cast<T>(r.s.ch[i].L - 1));
+  rc.tab = parse_table<T>(op, table, r.s, kBoundPad, r.num_stages * r.s.d);
+  for (int64_t i = 0; i < r.s.d; ++i) {
+    rc.lm1.push_back(static_cast<T>(r.s.levels[i] - 1));
     rc.soft.push_back(r.soft ? static_cast<T>(r.soft_clamp[i]) : T(1));
   }
-  for (float v : r.scales) rc.scales.push_back(static_cast<T>(v));
   return rc;
 }
 
@@ -334,8 +308,10 @@ constexpr int64_t kResMaxBuf = kTile * kMaxChannels;
 
 template <typename scalar_t, typename T>
 void residual_forward_kernel(const at::Tensor& x, at::Tensor& out, at::Tensor& idx,
-                             const ResidualSetup& r, bool channel_first) {
-  const ResidualConsts<T> rc = residual_consts<T>(r);
+                             const ResidualSetup& r, bool channel_first, int64_t active,
+                             c10::ArrayRef<double> table) {
+  const ResidualConsts<T> rc = residual_consts<T>("fsq.residual_quantize", r, table);
+  const ChannelParams<T>& rp = rc.tab.p;
   const ResidualCores<T> cores = pick_residual_cores<T>();
   const c10::IntArrayRef strides[3] = {x.strides(), out.strides(), idx.strides()};
   const TokenGeom<3> g = make_geom<3>(x.sizes(), strides, channel_dim(x.dim(), channel_first));
@@ -345,7 +321,7 @@ void residual_forward_kernel(const at::Tensor& x, at::Tensor& out, at::Tensor& i
   const bool i64 = r.s.index64;
   int32_t* ip32 = i64 ? nullptr : idx.mutable_data_ptr<int32_t>();
   int64_t* ip64 = i64 ? idx.mutable_data_ptr<int64_t>() : nullptr;
-  const int64_t d = r.s.d, q = r.num_stages, active = r.active_stages;
+  const int64_t d = r.s.d, q = r.num_stages;
   const int64_t xis = g.inner_stride(0), ois = g.inner_stride(1), iis = g.inner_stride(2);
   const int64_t xcs = g.cstride[0], ocs = g.cstride[1], ics = g.cstride[2];
   const bool soft = r.soft;
@@ -372,9 +348,9 @@ void residual_forward_kernel(const at::Tensor& x, at::Tensor& out, at::Tensor& i
           if (i64) std::fill(acc64, acc64 + n, int64_t{0});
           else std::fill(acc32, acc32 + n, int32_t{0});
           for (int64_t i = 0; i < d; ++i)
-            cores.stage(res + i * kTile, acc_out + i * kTile, n, rc.scales[st * d + i],
-                        rc.bounds.data() + rc.boff[i], rc.nb[i], rc.lm1[i],
-                        static_cast<int32_t>(rc.basis[i]), rc.basis[i], i64 ? nullptr : acc32,
+            cores.stage(res + i * kTile, acc_out + i * kTile, n, rc.tab.extra[st * d + i],
+                        rc.tab.bounds.data() + rp.boff[i], rp.nb[i], rc.lm1[i],
+                        static_cast<int32_t>(rp.basis[i]), rp.basis[i], i64 ? nullptr : acc32,
                         i64 ? acc64 : nullptr, nullptr, false);
         }
         if (i64) {
@@ -401,8 +377,10 @@ void residual_forward_kernel(const at::Tensor& x, at::Tensor& out, at::Tensor& i
 
 template <typename scalar_t, typename T>
 void residual_backward_kernel(const at::Tensor& gout, const at::Tensor& x, at::Tensor& gx,
-                              const ResidualSetup& r, bool channel_first) {
-  const ResidualConsts<T> rc = residual_consts<T>(r);
+                              const ResidualSetup& r, bool channel_first, int64_t active,
+                              c10::ArrayRef<double> table) {
+  const ResidualConsts<T> rc = residual_consts<T>("fsq.residual_quantize_backward", r, table);
+  const ChannelParams<T>& rp = rc.tab.p;
   const ResidualCores<T> cores = pick_residual_cores<T>();
   const c10::IntArrayRef strides[3] = {x.strides(), gout.strides(), gx.strides()};
   const TokenGeom<3> g = make_geom<3>(x.sizes(), strides, channel_dim(x.dim(), channel_first));
@@ -410,7 +388,7 @@ void residual_backward_kernel(const at::Tensor& gout, const at::Tensor& x, at::T
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = gout.const_data_ptr<scalar_t>();
   scalar_t* op = gx.mutable_data_ptr<scalar_t>();
-  const int64_t d = r.s.d, active = r.active_stages;
+  const int64_t d = r.s.d;
   const bool soft = r.soft, hard = r.s.hard_clamp;
 
   at::parallel_for(0, tiling.count, grain_for(d * r.num_stages), [&](int64_t begin, int64_t end) {
@@ -427,8 +405,8 @@ void residual_backward_kernel(const at::Tensor& gout, const at::Tensor& x, at::T
         if (soft) cores.soft(res, n, rc.soft[i], dh);
         std::fill(gsum, gsum + n, T(0));
         for (int64_t st = 0; st < active; ++st)
-          cores.stage(res, nullptr, n, rc.scales[st * d + i], rc.bounds.data() + rc.boff[i],
-                      rc.nb[i], rc.lm1[i], 0, 0, nullptr, nullptr, gsum, hard);
+          cores.stage(res, nullptr, n, rc.tab.extra[st * d + i], rc.tab.bounds.data() + rp.boff[i],
+                      rp.nb[i], rc.lm1[i], 0, 0, nullptr, nullptr, gsum, hard);
         gather<scalar_t, T>(gt, gp + off[1] + i * g.cstride[1], n, g.inner_stride(1));
         if (active == 0) {
           std::fill(gt, gt + n, T(0));
@@ -452,7 +430,7 @@ using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, floa
 std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& z, c10::IntArrayRef levels,
                                                 c10::string_view variant, bool hard_clamp,
                                                 bool channel_first, int64_t num_codebooks,
-                                                bool return_indices) {
+                                                bool return_indices, c10::ArrayRef<double> table) {
   const char* op = "fsq.quantize";
   const Setup s = make_setup(op, levels, variant, hard_clamp, num_codebooks);
   check_float_input(op, "z", z);
@@ -469,14 +447,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& z, c10::IntArr
                                   [&] {
                                     forward_kernel<scalar_t, math_t<scalar_t>>(
                                         z, codes, return_indices ? &idx : nullptr, s,
-                                        channel_first);
+                                        channel_first, table);
                                   });
   return {codes, idx};
 }
 
 at::Tensor quantize_backward_cpu(const at::Tensor& grad_codes, const at::Tensor& z,
                                  c10::IntArrayRef levels, c10::string_view variant,
-                                 bool hard_clamp, bool channel_first, int64_t num_codebooks) {
+                                 bool hard_clamp, bool channel_first, int64_t num_codebooks,
+                                 c10::ArrayRef<double> table) {
   const char* op = "fsq.quantize_backward";
   const Setup s = make_setup(op, levels, variant, hard_clamp, num_codebooks);
   check_float_input(op, "z", z);
@@ -488,14 +467,15 @@ at::Tensor quantize_backward_cpu(const at::Tensor& grad_codes, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(),
                                   "fsq_quantize_backward_cpu", [&] {
                                     backward_kernel<scalar_t, math_t<scalar_t>>(
-                                        grad_codes, z, gz, s, channel_first);
+                                        grad_codes, z, gz, s, channel_first, table);
                                   });
   return gz;
 }
 
 at::Tensor indices_to_codes_cpu(const at::Tensor& indices, c10::IntArrayRef levels,
                                 c10::string_view variant, bool channel_first,
-                                int64_t num_codebooks, at::ScalarType dtype) {
+                                int64_t num_codebooks, at::ScalarType dtype,
+                                c10::ArrayRef<double> table) {
   const char* op = "fsq.indices_to_codes";
   const Setup s = make_setup(op, levels, variant, false, num_codebooks);
   TORCH_CHECK_TYPE(at::isIntegralType(indices.scalar_type(), /*includeBool=*/false), op,
@@ -513,7 +493,7 @@ at::Tensor indices_to_codes_cpu(const at::Tensor& indices, c10::IntArrayRef leve
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fsq_indices_to_codes_cpu",
                                     [&] {
                                       decode_kernel<index_t, scalar_t, math_t<scalar_t>>(
-                                          idx, out, s, channel_first);
+                                          idx, out, s, channel_first, table);
                                     });
   });
   return out;
@@ -521,12 +501,14 @@ at::Tensor indices_to_codes_cpu(const at::Tensor& indices, c10::IntArrayRef leve
 
 std::tuple<at::Tensor, at::Tensor> residual_quantize_cpu(
     const at::Tensor& x, c10::IntArrayRef levels, int64_t num_stages, bool hard_clamp,
-    std::optional<c10::ArrayRef<double>> soft_clamp, bool channel_first, int64_t active_stages) {
+    std::optional<c10::ArrayRef<double>> soft_clamp, bool channel_first,
+    const std::optional<at::Tensor>& active_stages, c10::ArrayRef<double> table) {
   const char* op = "fsq.residual_quantize";
-  const ResidualSetup r =
-      make_residual_setup(op, levels, num_stages, hard_clamp, soft_clamp, active_stages);
+  const ResidualSetup r = make_residual_setup(op, levels, num_stages, hard_clamp, soft_clamp);
   check_float_input(op, "x", x);
   check_z_shape(op, "x", x, r.s, channel_first);
+  check_active_stages(op, active_stages, x);
+  const int64_t active = cpu_active_stages(op, active_stages, num_stages);
   at::Tensor out = at::empty_like(x);
   at::Tensor idx = at::empty(residual_index_shape(x.sizes(), channel_first, num_stages),
                              x.options().dtype(index_dtype(r.s)));
@@ -536,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "fsq_residual_quantize_cpu", [&] {
                                     residual_forward_kernel<scalar_t, math_t<scalar_t>>(
-                                        x, out, idx, r, channel_first);
+                                        x, out, idx, r, channel_first, active, table);
                                   });
   return {out, idx};
 }
@@ -545,12 +527,15 @@ at::Tensor residual_quantize_backward_cpu(const at::Tensor& grad_out, const at::
                                           c10::IntArrayRef levels, int64_t num_stages,
                                           bool hard_clamp,
                                           std::optional<c10::ArrayRef<double>> soft_clamp,
-                                          bool channel_first, int64_t active_stages) {
+                                          bool channel_first,
+                                          const std::optional<at::Tensor>& active_stages,
+                                          c10::ArrayRef<double> table) {
   const char* op = "fsq.residual_quantize_backward";
-  const ResidualSetup r =
-      make_residual_setup(op, levels, num_stages, hard_clamp, soft_clamp, active_stages);
+  const ResidualSetup r = make_residual_setup(op, levels, num_stages, hard_clamp, soft_clamp);
   check_float_input(op, "x", x);
   check_z_shape(op, "x", x, r.s, channel_first);
+  check_active_stages(op, active_stages, x);
+  const int64_t active = cpu_active_stages(op, active_stages, num_stages);
   check_like(op, "grad_out", grad_out, "x", x);
   at::Tensor gx = at::empty_like(x);
   if (x.numel() == 0) return gx;
@@ -558,12 +543,39 @@ at::Tensor residual_quantize_backward_cpu(const at::Tensor& grad_out, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "fsq_residual_quantize_backward_cpu", [&] {
                                     residual_backward_kernel<scalar_t, math_t<scalar_t>>(
-                                        grad_out, x, gx, r, channel_first);
+                                        grad_out, x, gx, r, channel_first, active, table);
                                   });
   return gx;
 }
 
+// What the kernels read from a table, back as float64 numbers (tests/test_tables.py compares it
+// with fsq_kernels.ops.tables): per channel k0, nb, shift, grad_coef, code_mul, code_sub,
+// code_den in the math type of `dtype`, then the boundaries, then the extra values.
+at::Tensor parsed_table(c10::IntArrayRef levels, c10::string_view variant, bool hard_clamp,
+                        int64_t num_stages, c10::ArrayRef<double> table, at::ScalarType dtype) {
+  const char* op = "fsq.parsed_table";
+  const Setup s = make_setup(op, levels, variant, hard_clamp, 1);
+  std::vector<double> out;
+  auto dump = [&](auto tag) {
+    using T = decltype(tag);
+    const Table<T> t = parse_table<T>(op, table, s, 1, num_stages * s.d);
+    const ChannelParams<T>& p = t.p;
+    for (int64_t i = 0; i < s.d; ++i) {
+      for (double v : {double(p.k0[i]), double(p.nb[i]), double(p.shift[i]), double(p.coef[i]),
+                       double(p.num_mul[i]), double(p.num_sub[i]), double(p.den[i])})
+        out.push_back(v);
+    }
+    for (T v : t.bounds) out.push_back(static_cast<double>(v));
+    for (T v : t.extra) out.push_back(static_cast<double>(v));
+  };
+  if (dtype == at::kDouble) dump(double{});
+  else dump(float{});
+  return at::tensor(out, at::TensorOptions().dtype(at::kDouble));
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(fsq, CompositeExplicitAutograd, m) { m.impl("parsed_table", &parsed_table); }
 
 TORCH_LIBRARY_IMPL(fsq, CPU, m) {
   m.impl("quantize", &quantize_cpu);

@@ -7,9 +7,12 @@
 // float32 (float64 is CPU-only). The forward compares against the level boundaries (no tanh);
 // the backward uses sech^2 from exp (fsq_math.h).
 //
-// Per-call constants travel by value in a __grid_constant__ struct (<= 4 KiB), boundaries
-// included up to kInlineBounds; larger level sets copy their boundaries to the device from pinned
-// memory, asynchronously on the current stream. No host synchronisation anywhere: in particular
+// Per-call constants come from the op's table argument (fsq_kernels/ops/tables.py, parsed by
+// fsq_common.h) and travel by value in a __grid_constant__ struct (<= 4 KiB), boundaries included
+// up to kInlineBounds; larger level sets read a device copy of their boundaries, made once per
+// (device, contents) and cached (no per-call copy, so CUDA graphs can capture the launches).
+// active_stages of the residual ops is read by the kernel from device memory.
+// No host synchronisation anywhere: in particular
 // indices_to_codes does not check the index range on CUDA; an index outside [0, prod(levels))
 // (e.g. the -1 of a NaN token) decodes to NaN codes.
 //
@@ -22,6 +25,8 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <map>
+#include <mutex>
 
 #include "fsq_common.h"
 
@@ -117,8 +122,9 @@ __global__ void __launch_bounds__(kThreads)
         const float x = v[i];
         const int32_t nb = a.p.nb[i];
         const float* b = bnd + a.p.boff[i];
-        const int32_t k = nb <= kLinearMaxCuda ? level_index_linear<float>(x, b, nb, a.p.k0[i])
-                                               : level_index_bsearch<float>(x, b, nb, a.p.k0[i]);
+        const bool up = a.p.ties_up != 0;
+        const int32_t k = nb <= kLinearMaxCuda ? level_index_linear<float>(x, b, nb, a.p.k0[i], up)
+                                               : level_index_bsearch<float>(x, b, nb, a.p.k0[i], up);
         const bool isn = x != x;
         nan |= isn;
         v[i] = isn ? x : code_value<float>(k, a.p.num_mul[i], a.p.num_sub[i], a.p.den[i]);
@@ -212,7 +218,9 @@ constexpr int kResInline = 640;  // floats: num_stages * d scales, then the boun
 
 struct ResidualCudaArgs {
   TokenGeom<3> g;             // operands: x, out (grad_out), indices (grad_x)
-  int32_t d, num_stages, active_stages, hard_clamp, soft, index64, vec, bounds_off;
+  const void* active;         // 0-d int32/int64 device tensor, or nullptr: every stage
+  int32_t active64;           // *active is int64
+  int32_t d, num_stages, hard_clamp, soft, index64, vec, bounds_off;
   int32_t nb[kMaxChannels], boff[kMaxChannels];
   int64_t basis[kMaxChannels];
   float lm1[kMaxChannels], soft_c[kMaxChannels];
@@ -220,6 +228,14 @@ struct ResidualCudaArgs {
   float tab[kResInline];
 };
 static_assert(sizeof(ResidualCudaArgs) <= 4096, "kernel parameters must stay within 4 KiB");
+
+// Active stages, clamped to [0, num_stages] (values outside are not checked on CUDA: no sync).
+__device__ __forceinline__ int32_t active_stages_of(const ResidualCudaArgs& a) {
+  if (a.active == nullptr) return a.num_stages;
+  const int64_t v = a.active64 ? *static_cast<const int64_t*>(a.active)
+                               : static_cast<int64_t>(*static_cast<const int32_t*>(a.active));
+  return static_cast<int32_t>(v < 0 ? 0 : (v > a.num_stages ? a.num_stages : v));
+}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -229,6 +245,7 @@ __global__ void __launch_bounds__(kThreads)
   const int d = a.d;
   const float* tab = a.ext ? a.ext : a.tab;
   const float* bnd = tab + a.bounds_off;
+  const int32_t active = active_stages_of(a);
   for (int64_t tok = work_begin(); tok < a.g.ntok; tok += work_step()) {
     float r[kMaxChannels], o[kMaxChannels];
     load_channels<scalar_t>(x + a.g.offset(0, tok), a.g.cstride[0], d, a.vec, r);
@@ -244,7 +261,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t io = a.g.offset(2, tok);
     for (int s = 0; s < a.num_stages; ++s) {
       int64_t acc = 0;
-      if (s < a.active_stages) {
+      if (s < active) {
         const float* scale = tab + s * d;
 #pragma unroll
         for (int i = 0; i < kMaxChannels; ++i) {
@@ -258,14 +275,14 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
-      const int64_t v = (s >= a.active_stages || nan) ? int64_t{-1} : acc;
+      const int64_t v = (s >= active || nan) ? int64_t{-1} : acc;
       const int64_t at = io + static_cast<int64_t>(s) * a.g.cstride[2];
       if (a.index64)
         static_cast<int64_t*>(indices)[at] = v;
       else
         static_cast<int32_t*>(indices)[at] = static_cast<int32_t>(v);
     }
-    if (a.active_stages > 0) {  // a NaN channel stays NaN in the residual: its output is NaN
+    if (active > 0) {  // a NaN channel stays NaN in the residual: its output is NaN
 #pragma unroll
       for (int i = 0; i < kMaxChannels; ++i)
         if (i < d) o[i] = r[i] != r[i] ? r[i] : o[i];
@@ -284,6 +301,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool hard = a.hard_clamp != 0;
   const float* tab = a.ext ? a.ext : a.tab;
   const float* bnd = tab + a.bounds_off;
+  const int32_t active = active_stages_of(a);
   for (int64_t tok = work_begin(); tok < a.g.ntok; tok += work_step()) {
     // stages outer, channels inner (as the forward): r and gs are the only live arrays; the
     // soft clamp's derivative is recomputed from a second read of x (an L1 hit) at the end
@@ -296,7 +314,7 @@ __global__ void __launch_bounds__(kThreads)
         gs[i] = 0.0f;
       }
     }
-    for (int s = 0; s < a.active_stages; ++s) {
+    for (int s = 0; s < active; ++s) {
       const float* scale = tab + s * d;
 #pragma unroll
       for (int i = 0; i < kMaxChannels; ++i) {
@@ -319,7 +337,7 @@ __global__ void __launch_bounds__(kThreads)
     load_channels<scalar_t>(grad_out + a.g.offset(1, tok), a.g.cstride[1], d, a.vec, v);
 #pragma unroll
     for (int i = 0; i < kMaxChannels; ++i)
-      if (i < d) v[i] = a.active_stages > 0 ? v[i] * gs[i] : 0.0f;
+      if (i < d) v[i] = active > 0 ? v[i] * gs[i] : 0.0f;
     store_channels<scalar_t>(grad_x + a.g.offset(2, tok), a.g.cstride[2], d, a.vec, v);
   }
 }
@@ -328,25 +346,33 @@ __global__ void __launch_bounds__(kThreads)
 // host side
 // ----------------------------------------------------------------------------------------------
 
-// Fills the per-call constants; `keep` holds a device copy of large boundary sets alive until
-// the launch has been enqueued (the caching allocator orders its reuse on the stream).
-void fill_args(CudaArgs& a, const Setup& s, bool with_bounds, const at::Device& device,
-               at::Tensor& keep) {
+// Device copy of a table too large for the kernel arguments, made once per (device, contents).
+const float* cached_device_table(const std::vector<float>& values, const at::Device& device) {
+  static std::mutex mu;
+  static std::map<std::pair<int, std::vector<float>>, at::Tensor> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto key = std::make_pair(static_cast<int>(device.index()), values);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    at::Tensor host = at::empty({static_cast<int64_t>(values.size())}, at::kFloat);
+    std::memcpy(host.data_ptr<float>(), values.data(), values.size() * sizeof(float));
+    it = cache.emplace(std::move(key), host.to(device)).first;
+  }
+  return it->second.const_data_ptr<float>();
+}
+
+// Fills the per-call constants from the table (boundaries only when `with_bounds`).
+void fill_args(CudaArgs& a, const char* op, const Setup& s, c10::ArrayRef<double> table,
+               bool with_bounds, const at::Device& device) {
   std::memset(&a, 0, sizeof(a));
-  fill_channel_params<float>(s.ch, static_cast<int32_t>(s.num_codebooks), s.hard_clamp,
-                             s.index64, a.p);
+  const Table<float> t = parse_table<float>(op, table, s, 1, 0);
+  a.p = t.p;
   a.ext_bounds = nullptr;
   if (!with_bounds) return;
-  const std::vector<float> b = make_kernel_bounds<float>(s.ch, a.p, 1);
-  if (b.size() <= static_cast<size_t>(kInlineBounds)) {
-    std::copy(b.begin(), b.end(), a.bounds);
-  } else {
-    at::Tensor host = at::empty({static_cast<int64_t>(b.size())},
-                                at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
-    std::memcpy(host.data_ptr<float>(), b.data(), b.size() * sizeof(float));
-    keep = host.to(device, /*non_blocking=*/true);
-    a.ext_bounds = keep.const_data_ptr<float>();
-  }
+  if (t.bounds.size() <= static_cast<size_t>(kInlineBounds))
+    std::copy(t.bounds.begin(), t.bounds.end(), a.bounds);
+  else
+    a.ext_bounds = cached_device_table(t.bounds, device);
 }
 
 template <int NOPS>
@@ -410,7 +436,7 @@ void check_cuda_dtype(const char* op, const char* name, at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& z, c10::IntArrayRef levels,
                                                  c10::string_view variant, bool hard_clamp,
                                                  bool channel_first, int64_t num_codebooks,
-                                                 bool return_indices) {
+                                                 bool return_indices, c10::ArrayRef<double> table) {
   const char* op = "fsq.quantize";
   const Setup s = make_setup(op, levels, variant, hard_clamp, num_codebooks);
   check_float_input(op, "z", z);
@@ -424,8 +450,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& z, c10::IntAr
                        : at::empty({0}, z.options().dtype(index_dtype(s)));
   if (z.numel() == 0) return {codes, idx};
   CudaArgs a;
-  at::Tensor keep;
-  fill_args(a, s, true, z.device(), keep);
+  fill_args(a, op, s, table, true, z.device());
   const c10::IntArrayRef strides[2] = {z.strides(), codes.strides()};
   const TokenGeom<2> g = make_geom<2>(z.sizes(), strides, channel_dim(z.dim(), channel_first));
   copy_geom(a.g, g);
@@ -444,7 +469,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& z, c10::IntAr
 
 at::Tensor quantize_backward_cuda(const at::Tensor& grad_codes, const at::Tensor& z,
                                   c10::IntArrayRef levels, c10::string_view variant,
-                                  bool hard_clamp, bool channel_first, int64_t num_codebooks) {
+                                  bool hard_clamp, bool channel_first, int64_t num_codebooks,
+                                  c10::ArrayRef<double> table) {
   const char* op = "fsq.quantize_backward";
   const Setup s = make_setup(op, levels, variant, hard_clamp, num_codebooks);
   check_float_input(op, "z", z);
@@ -458,8 +484,7 @@ at::Tensor quantize_backward_cuda(const at::Tensor& grad_codes, const at::Tensor
   at::Tensor gz = at::empty_like(z);
   if (z.numel() == 0) return gz;
   CudaArgs a;
-  at::Tensor keep;
-  fill_args(a, s, false, z.device(), keep);
+  fill_args(a, op, s, table, false, z.device());
   const c10::IntArrayRef strides[3] = {z.strides(), grad_codes.strides(), gz.strides()};
   const TokenGeom<3> g = make_geom<3>(z.sizes(), strides, channel_dim(z.dim(), channel_first));
   a.g = g;
@@ -478,7 +503,8 @@ at::Tensor quantize_backward_cuda(const at::Tensor& grad_codes, const at::Tensor
 
 at::Tensor indices_to_codes_cuda(const at::Tensor& indices, c10::IntArrayRef levels,
                                  c10::string_view variant, bool channel_first,
-                                 int64_t num_codebooks, at::ScalarType dtype) {
+                                 int64_t num_codebooks, at::ScalarType dtype,
+                                 c10::ArrayRef<double> table) {
   const char* op = "fsq.indices_to_codes";
   const Setup s = make_setup(op, levels, variant, false, num_codebooks);
   TORCH_CHECK_TYPE(at::isIntegralType(indices.scalar_type(), /*includeBool=*/false), op,
@@ -492,8 +518,7 @@ at::Tensor indices_to_codes_cuda(const at::Tensor& indices, c10::IntArrayRef lev
   const at::Tensor idx =
       (i64 || indices.scalar_type() == at::kInt) ? indices.contiguous() : indices.to(at::kLong);
   CudaArgs a;
-  at::Tensor keep;
-  fill_args(a, s, false, indices.device(), keep);
+  fill_args(a, op, s, table, false, indices.device());
   const c10::IntArrayRef strides[1] = {out.strides()};
   const TokenGeom<1> g = make_geom<1>(out.sizes(), strides, channel_dim(out.dim(), channel_first));
   copy_geom(a.g, g);
@@ -513,40 +538,40 @@ at::Tensor indices_to_codes_cuda(const at::Tensor& indices, c10::IntArrayRef lev
 // ----------------------------------------------------------------------------------------------
 // residual FSQ (host)
 // ----------------------------------------------------------------------------------------------
-void fill_residual_args(ResidualCudaArgs& a, const ResidualSetup& r, const at::Device& device,
-                        at::Tensor& keep) {
+void fill_residual_args(ResidualCudaArgs& a, const char* op, const ResidualSetup& r,
+                        c10::ArrayRef<double> table, const std::optional<at::Tensor>& active,
+                        const at::Device& device) {
   std::memset(&a, 0, sizeof(a));
-  ChannelParams<float> p;
-  std::memset(&p, 0, sizeof(p));
-  const std::vector<float> b = make_kernel_bounds<float>(r.s.ch, p, 1);
+  const Table<float> t = parse_table<float>(op, table, r.s, 1, r.num_stages * r.s.d);
   a.d = static_cast<int32_t>(r.s.d);
   a.num_stages = static_cast<int32_t>(r.num_stages);
-  a.active_stages = static_cast<int32_t>(r.active_stages);
+  a.active = active.has_value() ? active->const_data_ptr() : nullptr;
+  a.active64 = active.has_value() && active->scalar_type() == at::kLong ? 1 : 0;
   a.hard_clamp = r.s.hard_clamp ? 1 : 0;
   a.soft = r.soft ? 1 : 0;
   a.index64 = r.s.index64 ? 1 : 0;
-  int64_t basis = 1;
   for (int64_t i = 0; i < r.s.d; ++i) {
-    a.nb[i] = p.nb[i];  // symmetric: no infinite boundaries
-    a.boff[i] = p.boff[i];
-    a.basis[i] = basis;
-    basis *= r.s.ch[i].L;
-    a.lm1[i] = static_cast<float>(r.s.ch[i].L - 1);
+    a.nb[i] = t.p.nb[i];  // symmetric: no infinite boundaries
+    a.boff[i] = t.p.boff[i];
+    a.basis[i] = t.p.basis[i];
+    a.lm1[i] = static_cast<float>(r.s.levels[i] - 1);
     a.soft_c[i] = r.soft ? static_cast<float>(r.soft_clamp[i]) : 1.0f;
   }
-  std::vector<float> tab(r.scales);
+  std::vector<float> tab(t.extra);  // scales first, then the boundaries
   a.bounds_off = static_cast<int32_t>(tab.size());
-  tab.insert(tab.end(), b.begin(), b.end());
+  tab.insert(tab.end(), t.bounds.begin(), t.bounds.end());
   a.ext = nullptr;
-  if (tab.size() <= static_cast<size_t>(kResInline)) {
+  if (tab.size() <= static_cast<size_t>(kResInline))
     std::copy(tab.begin(), tab.end(), a.tab);
-  } else {
-    at::Tensor host = at::empty({static_cast<int64_t>(tab.size())},
-                                at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
-    std::memcpy(host.data_ptr<float>(), tab.data(), tab.size() * sizeof(float));
-    keep = host.to(device, /*non_blocking=*/true);
-    a.ext = keep.const_data_ptr<float>();
-  }
+  else
+    a.ext = cached_device_table(tab, device);
+}
+
+// The kernels read active_stages as int32 or int64.
+at::Tensor active_stages_for_kernel(const std::optional<at::Tensor>& active) {
+  if (!active.has_value()) return at::Tensor();
+  const at::ScalarType t = active->scalar_type();
+  return (t == at::kLong || t == at::kInt) ? *active : active->to(at::kLong);
 }
 
 // 128-bit loads/stores of the first two operands (x and out / grad_out); the third keeps its
@@ -565,10 +590,11 @@ bool can_vectorize_first(const TokenGeom<3>& g, const void* const* ptrs, int nop
 
 std::tuple<at::Tensor, at::Tensor> residual_quantize_cuda(
     const at::Tensor& x, c10::IntArrayRef levels, int64_t num_stages, bool hard_clamp,
-    std::optional<c10::ArrayRef<double>> soft_clamp, bool channel_first, int64_t active_stages) {
+    std::optional<c10::ArrayRef<double>> soft_clamp, bool channel_first,
+    const std::optional<at::Tensor>& active_stages, c10::ArrayRef<double> table) {
   const char* op = "fsq.residual_quantize";
-  const ResidualSetup r =
-      make_residual_setup(op, levels, num_stages, hard_clamp, soft_clamp, active_stages);
+  const ResidualSetup r = make_residual_setup(op, levels, num_stages, hard_clamp, soft_clamp);
+  check_active_stages(op, active_stages, x);
   check_float_input(op, "x", x);
   check_cuda_dtype(op, "x", x.scalar_type());
   check_z_shape(op, "x", x, r.s, channel_first);
@@ -578,8 +604,10 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_cuda(
                              x.options().dtype(index_dtype(r.s)));
   if (x.numel() == 0) return {out, idx};
   ResidualCudaArgs a;
-  at::Tensor keep;
-  fill_residual_args(a, r, x.device(), keep);
+  const at::Tensor active = active_stages_for_kernel(active_stages);
+  fill_residual_args(a, op, r, table,
+                     active.defined() ? std::optional<at::Tensor>(active) : std::nullopt,
+                     x.device());
   const c10::IntArrayRef strides[3] = {x.strides(), out.strides(), idx.strides()};
   a.g = make_geom<3>(x.sizes(), strides, channel_dim(x.dim(), channel_first));
   const void* ptrs[2] = {x.const_data_ptr(), out.const_data_ptr()};
@@ -597,10 +625,12 @@ at::Tensor residual_quantize_backward_cuda(const at::Tensor& grad_out, const at:
                                            c10::IntArrayRef levels, int64_t num_stages,
                                            bool hard_clamp,
                                            std::optional<c10::ArrayRef<double>> soft_clamp,
-                                           bool channel_first, int64_t active_stages) {
+                                           bool channel_first,
+                                           const std::optional<at::Tensor>& active_stages,
+                                           c10::ArrayRef<double> table) {
   const char* op = "fsq.residual_quantize_backward";
-  const ResidualSetup r =
-      make_residual_setup(op, levels, num_stages, hard_clamp, soft_clamp, active_stages);
+  const ResidualSetup r = make_residual_setup(op, levels, num_stages, hard_clamp, soft_clamp);
+  check_active_stages(op, active_stages, x);
   check_float_input(op, "x", x);
   check_cuda_dtype(op, "x", x.scalar_type());
   check_z_shape(op, "x", x, r.s, channel_first);
@@ -612,8 +642,10 @@ at::Tensor residual_quantize_backward_cuda(const at::Tensor& grad_out, const at:
   at::Tensor gx = at::empty_like(x);
   if (x.numel() == 0) return gx;
   ResidualCudaArgs a;
-  at::Tensor keep;
-  fill_residual_args(a, r, x.device(), keep);
+  const at::Tensor active = active_stages_for_kernel(active_stages);
+  fill_residual_args(a, op, r, table,
+                     active.defined() ? std::optional<at::Tensor>(active) : std::nullopt,
+                     x.device());
   const c10::IntArrayRef strides[3] = {x.strides(), grad_out.strides(), gx.strides()};
   a.g = make_geom<3>(x.sizes(), strides, channel_dim(x.dim(), channel_first));
   const void* ptrs[3] = {x.const_data_ptr(), grad_out.const_data_ptr(), gx.const_data_ptr()};

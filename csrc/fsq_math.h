@@ -1,13 +1,12 @@
 // fsq_math.h: per-element math of Finite Scalar Quantization, shared by the CPU (.cpp) and
-// CUDA (.cu) kernels. Normative contract: DESIGN.md section 1.
+// CUDA (.cu) kernels. Normative contract: docs/design.md.
 //
-// Forward: no tanh. The level index k of one channel is the number of float-cast level
-// boundaries that z exceeds (DESIGN "The forward needs no tanh"):
-//     k = k0 + #{ b in bounds : z > b }
-// where k0 counts the boundaries that are -inf (paper variant with L >= 1002) and `bounds` holds
-// the finite ones, ascending. `symmetric` rounds ties up (k = #{z >= t}); on the host its
-// boundaries are stored as nextafter(t, -inf) so the same strict comparison implements >=.
-// A NaN z exceeds nothing; the kernels test it separately (NaN code, index -1).
+// Forward: no tanh. The level index k of one channel counts the comparison boundaries below z:
+//     paper/atanh: k = k0 + #{ t in bounds : z > t }     symmetric: k = #{ t in bounds : z >= t }
+// where k0 counts the boundaries at -inf (paper variant with L >= 1002) and `bounds` holds the
+// finite ones, ascending, already rounded to the math type in the direction of the comparison
+// (fsq_kernels/ops/tables.py; nothing here derives a constant). A NaN z exceeds nothing; the
+// kernels test it separately (NaN code, index -1).
 //
 // Code value: code = (num_mul * k - num_sub) / den, i.e. (k - hw) / hw for paper/atanh and
 // (2k - (L-1)) / (L-1) for symmetric; the numerator is an exact small integer, so the only
@@ -20,8 +19,8 @@
 // sech^2(u) = 4e / (1 + e)^2 with e = exp(-2|u|): no overflow, full relative accuracy for
 // large |u| (1 - tanh^2 cancels there).
 //
-// Everything per call (levels, variant) is computed on the host in double and passed to the
-// kernels in small structs; nothing here allocates on the device.
+// Every per-level-set number comes from the table argument of the op (parsed in fsq_common.h);
+// nothing here allocates on the device.
 #pragma once
 
 #include <cmath>
@@ -39,7 +38,6 @@
 
 namespace fsq {
 
-constexpr double kEps = 1e-3;
 // Channels per codebook the kernels accept (the paper uses d <= 8; 16 leaves room).
 constexpr int kMaxChannels = 16;
 
@@ -102,22 +100,32 @@ FSQ_HD T sech2(T u) {
   return u == u ? s : u;
 }
 
-// Level index of one channel from its boundaries (small L: linear count, the loop the CPU
-// kernels vectorize across tokens; the device kernels use it too).
+// One comparison of the level index: z > t, or z >= t where ties round up (symmetric).
+template <bool TiesUp, typename T>
+FSQ_HD int32_t exceeds(T z, T t) {
+  return TiesUp ? static_cast<int32_t>(z >= t) : static_cast<int32_t>(z > t);
+}
+
+// Level index of one channel from its boundaries (small L: linear count; the CPU kernels run the
+// same comparison vectorized across tokens).
 template <typename T>
-FSQ_HD int32_t level_index_linear(T z, const T* bounds, int32_t nb, int32_t k0) {
+FSQ_HD int32_t level_index_linear(T z, const T* bounds, int32_t nb, int32_t k0, bool ties_up) {
   int32_t k = k0;
-  for (int32_t b = 0; b < nb; ++b) k += (z > bounds[b]) ? 1 : 0;
+  if (ties_up) {
+    for (int32_t b = 0; b < nb; ++b) k += exceeds<true, T>(z, bounds[b]);
+  } else {
+    for (int32_t b = 0; b < nb; ++b) k += exceeds<false, T>(z, bounds[b]);
+  }
   return k;
 }
 
-// Same result by binary search: number of ascending bounds strictly below z (NaN: 0).
+// Same result by binary search over the ascending bounds (NaN: k0).
 template <typename T>
-FSQ_HD int32_t level_index_bsearch(T z, const T* bounds, int32_t nb, int32_t k0) {
+FSQ_HD int32_t level_index_bsearch(T z, const T* bounds, int32_t nb, int32_t k0, bool ties_up) {
   int32_t lo = 0, n = nb;
   while (n > 0) {
     const int32_t half = n >> 1;
-    const bool gt = z > bounds[lo + half];
+    const bool gt = ties_up ? exceeds<true, T>(z, bounds[lo + half]) : exceeds<false, T>(z, bounds[lo + half]);
     lo = gt ? lo + half + 1 : lo;
     n = gt ? n - half - 1 : half;
   }
@@ -237,8 +245,8 @@ template <typename T>
 FSQ_HD int32_t residual_stage(T residual, T scale, const T* bounds, int32_t nb, T lm1, bool linear,
                               T& y, T& stage_out) {
   y = div_rn(residual, scale);
-  const int32_t k = linear ? level_index_linear<T>(y, bounds, nb, 0)
-                           : level_index_bsearch<T>(y, bounds, nb, 0);
+  const int32_t k = linear ? level_index_linear<T>(y, bounds, nb, 0, true)
+                           : level_index_bsearch<T>(y, bounds, nb, 0, true);
   stage_out = residual_stage_output<T>(k, lm1, scale);
   return k;
 }
@@ -251,7 +259,7 @@ FSQ_HD T residual_bound_grad(T y, bool hard_clamp) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-call constants (host only, double precision)
+// Per-call constants in kernel form (filled from the op's table by fsq_common.h)
 // ---------------------------------------------------------------------------------------------
 
 // Kernel-side per-channel constants, in the math type T (float or double).
@@ -260,6 +268,7 @@ struct ChannelParams {
   int32_t d;                          // channels per codebook
   int32_t num_codebooks;
   int32_t hard_clamp;
+  int32_t ties_up;                    // symmetric: z >= t
   int32_t index64;                    // indices are int64 (else int32)
   int32_t L[kMaxChannels];
   int32_t k0[kMaxChannels];           // boundaries at -inf
@@ -270,133 +279,11 @@ struct ChannelParams {
   T shift[kMaxChannels], coef[kMaxChannels];
 };
 
-// Host functions (never called from device code; nvcc parses them in both passes).
-
 inline int32_t parse_variant(const std::string& v) {
   if (v == "paper") return kPaper;
   if (v == "atanh") return kAtanh;
   if (v == "symmetric") return kSymmetric;
   return -1;
-}
-
-struct HostChannel {
-  int64_t L, hw;
-  double half_l, offset, shift, coef;
-  std::vector<double> bounds;  // all L-1 boundaries in double, ascending, possibly +-inf
-  bool ties_up;                // symmetric: z >= t
-  int32_t num_mul, num_sub, den;
-};
-
-// DESIGN section 1, in double.
-inline HostChannel host_channel(int64_t L, int32_t variant, bool hard_clamp) {
-  HostChannel c;
-  c.L = L;
-  c.hw = L / 2;
-  const double inf = std::numeric_limits<double>::infinity();
-  if (variant == kSymmetric) {
-    c.half_l = 0.0;
-    c.offset = 0.0;
-    c.shift = 0.0;
-    c.coef = 1.0;
-    c.ties_up = true;
-    c.num_mul = 2;
-    c.num_sub = static_cast<int32_t>(L - 1);
-    c.den = static_cast<int32_t>(L - 1);
-    for (int64_t j = 0; j <= L - 2; ++j) {
-      const double x = static_cast<double>(2 * j + 1) / static_cast<double>(L - 1) - 1.0;
-      c.bounds.push_back(hard_clamp ? x : std::atanh(x));
-    }
-    return c;
-  }
-  const double h = variant == kPaper ? (L - 1) * (1.0 - kEps) / 2.0 : (L - 1) * (1.0 + kEps) / 2.0;
-  const double o = (L % 2 == 0) ? 0.5 : 0.0;
-  c.half_l = h;
-  c.offset = o;
-  if (variant == kPaper) {
-    c.shift = std::tan(o / h);
-  } else {
-    c.shift = hard_clamp ? o / h : std::atanh(o / h);
-  }
-  c.coef = h / static_cast<double>(c.hw);
-  c.ties_up = false;
-  c.num_mul = 1;
-  c.num_sub = static_cast<int32_t>(c.hw);
-  c.den = static_cast<int32_t>(c.hw);
-  for (int64_t q = -c.hw; q <= L - 2 - c.hw; ++q) {
-    if (hard_clamp) {
-      c.bounds.push_back((static_cast<double>(q) + 0.5) / h);
-      continue;
-    }
-    const double x = (static_cast<double>(q) + 0.5 + o) / h;
-    if (x <= -1.0) {
-      c.bounds.push_back(-inf);
-    } else if (x >= 1.0) {
-      c.bounds.push_back(inf);
-    } else {
-      c.bounds.push_back(std::atanh(x) - c.shift);
-    }
-  }
-  return c;
-}
-
-// Boundaries in the math type T: finite ones only, ascending, ties-up variants shifted down by
-// one ulp so that `z > b` means `z >= t`. Padded with +inf to a multiple of `pad` per channel
-// (+inf is never exceeded, not even by +inf). Fills k0/nb/boff of `p`.
-template <typename T>
-inline std::vector<T> make_kernel_bounds(const std::vector<HostChannel>& ch, ChannelParams<T>& p,
-                                         int32_t pad) {
-  std::vector<T> out;
-  const T tinf = std::numeric_limits<T>::infinity();
-  for (size_t i = 0; i < ch.size(); ++i) {
-    int32_t k0 = 0;
-    const size_t start = out.size();
-    for (double t : ch[i].bounds) {
-      if (std::isinf(t)) {
-        if (t < 0) ++k0;
-        continue;  // +inf: never exceeded
-      }
-      T tb = static_cast<T>(t);
-      if (ch[i].ties_up) tb = std::nextafter(tb, -tinf);
-      out.push_back(tb);
-    }
-    const int32_t nb = static_cast<int32_t>(out.size() - start);
-    while ((out.size() - start) % pad) out.push_back(tinf);
-    p.k0[i] = k0;
-    p.nb[i] = nb;
-    p.boff[i] = static_cast<int32_t>(start);
-  }
-  return out;
-}
-
-template <typename T>
-inline void fill_channel_params(const std::vector<HostChannel>& ch, int32_t num_codebooks,
-                                bool hard_clamp, bool index64, ChannelParams<T>& p) {
-  p.d = static_cast<int32_t>(ch.size());
-  p.num_codebooks = num_codebooks;
-  p.hard_clamp = hard_clamp ? 1 : 0;
-  p.index64 = index64 ? 1 : 0;
-  int64_t basis = 1;
-  for (size_t i = 0; i < ch.size(); ++i) {
-    p.L[i] = static_cast<int32_t>(ch[i].L);
-    p.basis[i] = basis;
-    basis *= ch[i].L;
-    p.num_mul[i] = static_cast<T>(ch[i].num_mul);
-    p.num_sub[i] = static_cast<T>(ch[i].num_sub);
-    p.den[i] = static_cast<T>(ch[i].den);
-    p.shift[i] = static_cast<T>(ch[i].shift);
-    p.coef[i] = static_cast<T>(ch[i].coef);
-  }
-}
-
-// Residual stage scales: the float32 numbers L^-s of reference.residual_scales (torch's float32
-// pow, which equals the double pow rounded to float for every level and stage count in use).
-inline std::vector<float> residual_scales_f32(const std::vector<int64_t>& levels, int64_t num_stages) {
-  std::vector<float> out;
-  out.reserve(static_cast<size_t>(num_stages) * levels.size());
-  for (int64_t s = 0; s < num_stages; ++s)
-    for (int64_t L : levels)
-      out.push_back(static_cast<float>(std::pow(static_cast<double>(L), -static_cast<double>(s))));
-  return out;
 }
 
 }  // namespace fsq

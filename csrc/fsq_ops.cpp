@@ -9,24 +9,33 @@
 #endif
 
 TORCH_LIBRARY(fsq, m) {
+  // `table`: the level-set table of fsq_kernels/ops/tables.py for the math dtype of the input
+  // (every boundary, shift, gradient coefficient, code scale and residual scale the kernels use).
   // indices: an empty int tensor when return_indices is False
   m.def(
       "quantize(Tensor z, int[] levels, str variant, bool hard_clamp, bool channel_first, "
-      "int num_codebooks, bool return_indices) -> (Tensor, Tensor)");
+      "int num_codebooks, bool return_indices, float[] table) -> (Tensor, Tensor)");
   m.def(
       "quantize_backward(Tensor grad_codes, Tensor z, int[] levels, str variant, bool hard_clamp, "
-      "bool channel_first, int num_codebooks) -> Tensor");
+      "bool channel_first, int num_codebooks, float[] table) -> Tensor");
   m.def(
       "indices_to_codes(Tensor indices, int[] levels, str variant, bool channel_first, "
-      "int num_codebooks, ScalarType dtype) -> Tensor");
+      "int num_codebooks, ScalarType dtype, float[] table) -> Tensor");
   // residual FSQ (symmetric stages, scales L^-s): (sum of the active stages, indices with the
-  // stage axis where x has its channel axis; -1 for dropped stages and NaN tokens)
+  // stage axis where x has its channel axis; -1 for dropped stages and NaN tokens).
+  // active_stages: None (every stage) or a 0-d integer tensor on x's device, read by the kernel.
   m.def(
       "residual_quantize(Tensor x, int[] levels, int num_stages, bool hard_clamp, "
-      "float[]? soft_clamp, bool channel_first, int active_stages) -> (Tensor, Tensor)");
+      "float[]? soft_clamp, bool channel_first, Tensor? active_stages, float[] table) "
+      "-> (Tensor, Tensor)");
   m.def(
       "residual_quantize_backward(Tensor grad_out, Tensor x, int[] levels, int num_stages, "
-      "bool hard_clamp, float[]? soft_clamp, bool channel_first, int active_stages) -> Tensor");
+      "bool hard_clamp, float[]? soft_clamp, bool channel_first, Tensor? active_stages, "
+      "float[] table) -> Tensor");
+  // tests: what the kernels read from a table (num_stages 0: a quantize table)
+  m.def(
+      "parsed_table(int[] levels, str variant, bool hard_clamp, int num_stages, float[] table, "
+      "ScalarType dtype) -> Tensor");
 }
 
 extern "C" {

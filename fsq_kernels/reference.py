@@ -1,17 +1,22 @@
 """Pure-PyTorch FSQ: the oracle every backend is validated against.
 
-This module is the executable form of the math contract (DESIGN.md section 1). It favours
+This module is the executable form of the math contract (docs/design.md). It favours
 clarity over speed; inputs are assumed valid (the op layer validates the public boundary).
 Math runs in float64 for float64 inputs and in float32 otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from .exact import f32 as _f32
+from .exact import round_boundary_f32 as _round_boundary_f32
+from .exact import sign_of_boundary_minus as _sign_of_boundary_minus
 
 EPS = 1e-3
 VARIANTS = ("paper", "atanh", "symmetric")
@@ -24,6 +29,7 @@ __all__ = [
     "basis",
     "bound",
     "channel_constants",
+    "comparison_boundaries",
     "codebook_size",
     "codes_to_indices",
     "distance_to_rounding_boundary",
@@ -117,6 +123,45 @@ def level_boundaries(levels: Sequence[int], variant: str = "paper", hard_clamp: 
     return out
 
 
+def comparison_boundaries(
+    levels: Sequence[int], variant: str = "paper", hard_clamp: bool = False, dtype: torch.dtype = torch.float32
+) -> tuple[list[int], list[list[float]]]:
+    """The boundaries the index comparisons use: (k0, finite) per channel, with
+    k = k0 + #{t in finite : x > t} for paper/atanh and k = #{t in finite : x >= t} for symmetric.
+
+    k0 counts the boundaries at -inf (always exceeded); +inf ones are left out (never reached).
+    For dtype float32 each finite boundary is the real-valued one rounded to float32 in the
+    direction its comparison needs (down for >, up for >=), decided in exact arithmetic, so that
+    comparing any float32, bfloat16 or float16 x (converted to float32, exactly) with it is
+    comparing x with the real boundary. For float64 the float64 values of level_boundaries are
+    used as they are (exact up to their own rounding, a few 1e-16 relative).
+    """
+    levels = tuple(levels)
+    rows = level_boundaries(levels, variant, hard_clamp)
+    ties_up = variant == "symmetric"
+    consts = channel_constants(levels, variant, hard_clamp)
+    k0s, out = [], []
+    for i, (level, row) in enumerate(zip(levels, rows)):
+        k0s.append(sum(1 for t in row if t == -math.inf))
+        finite = []
+        for j, t in enumerate(row):
+            if math.isinf(t):
+                continue
+            if dtype == torch.float64:
+                finite.append(t)
+                continue
+            if variant == "symmetric":
+                x, shift = (2 * j + 1) / (level - 1) - 1, 0.0
+            else:
+                x = (j - consts["half_width"][i] + 0.5 + consts["offset"][i]) / consts["half_l"][i]
+                shift = consts["shift"][i]
+            sign = functools.partial(_sign_of_boundary_minus, level=level, j=j, variant=variant,
+                                     hard_clamp=hard_clamp, consts=consts, i=i)
+            finite.append(_round_boundary_f32(t, x, shift, hard_clamp, ties_up, sign))
+        out.append(finite)
+    return k0s, out
+
+
 # ---------------------------------------------------------------------------------------------
 # Tensor math
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +232,35 @@ def _from_channel_last(x: Tensor, channel_first: bool) -> Tensor:
     return x.movedim(-1, 1) if channel_first else x
 
 
+@functools.cache
+def _cached_comparison_boundaries(levels: tuple, variant: str, hard_clamp: bool, dtype: torch.dtype):
+    k0, rows = comparison_boundaries(levels, variant, hard_clamp, dtype)
+    width = max(1, max(len(row) for row in rows))
+    padded = tuple(tuple(row) + (math.inf,) * (width - len(row)) for row in rows)
+    return tuple(k0), tuple(len(row) for row in rows), padded
+
+
+@torch.compiler.assume_constant_result
+def traceable_comparison_boundaries(levels: tuple, variant: str, hard_clamp: bool, dtype: torch.dtype):
+    """(k0, finite counts, +inf-padded rows) of comparison_boundaries, cached; torch.compile and
+    export take the result as a constant (the Python that builds it is never traced)."""
+    return _cached_comparison_boundaries(tuple(levels), variant, bool(hard_clamp), dtype)
+
+
+def _level_indices(x: Tensor, levels: Sequence[int], variant: str, hard_clamp: bool) -> Tensor:
+    """Level index k (x's dtype, NaN where x is NaN) of channel-last x in its math dtype, counted
+    against the comparison boundaries: exact for every float32/bfloat16/float16 input."""
+    k0, counts, padded = traceable_comparison_boundaries(tuple(levels), variant, hard_clamp, x.dtype)
+    d = len(levels)
+    bounds = torch.tensor(padded, dtype=x.dtype, device=x.device)  # (d, width), ascending rows
+    flat = x.reshape(-1, d).transpose(0, 1).contiguous()
+    k = torch.searchsorted(bounds, flat, right=variant == "symmetric")  # right: #{t <= x}
+    counts_t = torch.tensor(counts, dtype=k.dtype, device=x.device).unsqueeze(-1)
+    k = torch.minimum(k, counts_t) + torch.tensor(k0, dtype=k.dtype, device=x.device).unsqueeze(-1)
+    k = k.transpose(0, 1).reshape(x.shape).to(x.dtype)
+    return torch.where(torch.isnan(x), torch.full_like(x, math.nan), k)
+
+
 def quantize(
     z: Tensor,
     levels: Sequence[int],
@@ -197,21 +271,20 @@ def quantize(
     num_codebooks: int = 1,
     return_indices: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """Codes (z's dtype, straight-through gradient) and indices, per DESIGN.md section 1."""
+    """Codes (z's dtype, straight-through gradient) and indices, per docs/design.md."""
     levels = tuple(levels)
     d = len(levels)
     x = _to_channel_last(z, channel_first)
     x = x.to(_math_dtype(z.dtype)).unflatten(-1, (num_codebooks, d))
     b = bound(x, levels, variant, hard_clamp)
     levels_t = _per_channel(levels, b)
+    k = _level_indices(x.detach(), levels, variant, hard_clamp)  # from the boundaries: exact
     if variant == "symmetric":
-        k = b.detach().floor().clamp(torch.zeros_like(levels_t), levels_t - 1)
         code = (2 * (b + (k - b).detach()) - (levels_t - 1)) / (levels_t - 1)  # b + (k - b) == k exactly
     else:
         half_width = _per_channel([level // 2 for level in levels], b)
-        q = b.detach().round().clamp(-half_width, levels_t - 1 - half_width)  # round half to even
+        q = k - half_width
         code = (b + (q - b).detach()) / half_width
-        k = q + half_width
     codes = _from_channel_last(code.flatten(-2), channel_first).to(z.dtype)
     if not return_indices:
         return codes, None
@@ -285,10 +358,10 @@ def implicit_codebook(levels: Sequence[int], variant: str = "paper", dtype: torc
 
 
 def residual_scales(levels: Sequence[int], num_stages: int) -> list[list[float]]:
-    """Stage s quantizes residual / L^-s per channel. The values are float32 numbers computed as
-    vector-quantize-pytorch does (float32 pow), so that checkpoints of the peer give its indices."""
-    levels_t = torch.tensor(levels, dtype=torch.float32)
-    return [(levels_t ** -stage).tolist() for stage in range(num_stages)]
+    """Stage s quantizes residual / L^-s per channel. The values are the float32 numbers L^-s that
+    vector-quantize-pytorch computes (float32 pow, equal to the float64 pow rounded to float32),
+    so that checkpoints of the peer give its indices. Pure Python: traceable as constants."""
+    return [[_f32(float(level) ** -stage) for level in levels] for stage in range(num_stages)]
 
 
 def residual_soft_clamp(levels: Sequence[int]) -> list[float]:
@@ -306,13 +379,15 @@ def residual_quantize(
     hard_clamp: bool = True,
     soft_clamp: Sequence[float] | None = None,
     channel_first: bool = False,
-    active_stages: int | None = None,
+    active_stages: Tensor | int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Residual FSQ: (sum of every stage's scaled codes in x's dtype, indices (..., num_stages)).
 
     x is soft-clamped (tanh(x / c) * c) when soft_clamp is given; stage s quantizes
     residual / L^-s with the `symmetric` variant, and the residual drops what it took (detached).
     Stages from active_stages on are dropped (quantize dropout): no contribution, index -1.
+    active_stages: None (all stages) or a 0-d integer tensor (an int is accepted too), compared
+    as a tensor so that nothing syncs with the host and torch.compile/export can trace it.
     Channel-first input puts the stage axis of the indices at dim 1, as vector-quantize-pytorch.
 
     Precision: float32 rounding in the residual (about 1e-7 of |x|) reaches stage s multiplied by
@@ -320,19 +395,22 @@ def residual_quantize(
     implementation, the peer's included; tests widen the boundary window of stage s by L^s.
     """
     levels = tuple(levels)
-    active = num_stages if active_stages is None else active_stages
     h = _to_channel_last(x, channel_first).to(_math_dtype(x.dtype))
+    if active_stages is not None:
+        # no dependence on x at all when every stage is dropped (as the fused kernels)
+        h = torch.where(torch.as_tensor(active_stages, device=h.device) > 0, h, torch.zeros_like(h))
     if soft_clamp is not None:
         c = _per_channel(soft_clamp, h)
         h = torch.tanh(h / c) * c
     residual, out, all_indices = h, torch.zeros_like(h), []
     for stage, scale_values in enumerate(residual_scales(levels, num_stages)):
-        if stage >= active:
-            all_indices.append(torch.full(h.shape[:-1], -1, dtype=index_dtype(levels), device=h.device))
-            continue
         scale = _per_channel(scale_values, h)
         codes, indices = quantize(residual / scale, levels, variant="symmetric", hard_clamp=hard_clamp)
         stage_out = codes * scale
+        if active_stages is not None:  # quantize dropout, masked with tensors: no host sync
+            kept = torch.as_tensor(active_stages, device=h.device) > stage
+            stage_out = torch.where(kept, stage_out, torch.zeros_like(stage_out))
+            indices = torch.where(kept, indices, torch.full_like(indices, -1))
         residual = residual - stage_out.detach()
         out = out + stage_out
         all_indices.append(indices)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fsq_kernels import reference
-from fsq_kernels.ops import native
+from fsq_kernels.ops import native, tables
 
 from .conftest import (
     GRAD_TOLERANCE,
@@ -23,6 +23,10 @@ from .conftest import (
     assert_matches_reference,
     expected_grad,
 )
+
+
+def _table(levels, variant, hard_clamp, dtype=torch.float32):
+    return tables.quantize_table(tuple(levels), variant, hard_clamp, dtype)
 
 pytestmark = pytest.mark.skipif(not native.is_available("cpu"), reason="fsq_kernels._C is not built")
 
@@ -188,7 +192,8 @@ def test_decode_layouts_and_codebooks():
 def test_decode_out_of_range_is_value_error(bad):
     idx = torch.tensor([0, 5, bad, 7])
     with pytest.raises(ValueError, match=r"\[0, 1000\)"):
-        torch.ops.fsq.indices_to_codes(idx, [8, 5, 5, 5], "paper", False, 1, torch.float32)
+        torch.ops.fsq.indices_to_codes(idx, [8, 5, 5, 5], "paper", False, 1, torch.float32,
+                                       _table((8, 5, 5, 5), "paper", False))
 
 
 def test_int64_indices():
@@ -228,7 +233,8 @@ def test_nan_inf_empty():
         codes, indices = native.quantize(z, levels, "paper", False, channel_first, 1, True)
         assert codes.shape == z.shape
         assert indices.shape == reference.quantize(z, levels, channel_first=channel_first)[1].shape
-        gz = torch.ops.fsq.quantize_backward(codes, z, list(levels), "paper", False, channel_first, 1)
+        gz = torch.ops.fsq.quantize_backward(codes, z, list(levels), "paper", False, channel_first, 1,
+                                             _table(levels, "paper", False))
         assert gz.shape == z.shape
     out = native.indices_to_codes(torch.empty(0, 3, dtype=torch.int32), levels, "paper", True, 1, None)
     assert out.shape == (0, 4, 3)
@@ -243,9 +249,10 @@ def test_bitwise_deterministic_across_runs_and_threads():
         outs = []
         for threads in (1, 2, 2):
             torch.set_num_threads(threads)
-            c, i = torch.ops.fsq.quantize(z, list(levels), "paper", False, False, 2, True)
-            gz = torch.ops.fsq.quantize_backward(g, z, list(levels), "paper", False, False, 2)
-            dec = torch.ops.fsq.indices_to_codes(i, list(levels), "paper", False, 2, torch.float32)
+            table = _table(levels, "paper", False)
+            c, i = torch.ops.fsq.quantize(z, list(levels), "paper", False, False, 2, True, table)
+            gz = torch.ops.fsq.quantize_backward(g, z, list(levels), "paper", False, False, 2, table)
+            dec = torch.ops.fsq.indices_to_codes(i, list(levels), "paper", False, 2, torch.float32, table)
             outs.append((c, i, gz, dec))
     finally:
         torch.set_num_threads(prev)
@@ -256,7 +263,11 @@ def test_bitwise_deterministic_across_runs_and_threads():
 
 def test_errors_name_the_argument():
     z = torch.randn(4, 4)
-    q = torch.ops.fsq.quantize
+    table = _table((8, 5, 5, 5), "paper", False)
+
+    def q(*args):
+        return torch.ops.fsq.quantize(*args, table)
+
     with pytest.raises(ValueError, match="levels"):
         q(z, [], "paper", False, False, 1, True)
     with pytest.raises(ValueError, match="level"):
@@ -272,10 +283,14 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match="z must be a floating tensor"):
         q(torch.ones(4, 4, dtype=torch.int64), [8, 5, 5, 5], "paper", False, False, 1, True)
     with pytest.raises(TypeError, match="indices must be an integer tensor"):
-        torch.ops.fsq.indices_to_codes(torch.ones(4), [8, 5, 5, 5], "paper", False, 1, torch.float32)
+        torch.ops.fsq.indices_to_codes(torch.ones(4), [8, 5, 5, 5], "paper", False, 1, torch.float32, table)
     with pytest.raises(ValueError, match="num_codebooks"):
         torch.ops.fsq.indices_to_codes(torch.ones(4, 3, dtype=torch.int64), [8, 5, 5, 5], "paper", False, 2,
-                                       torch.float32)
+                                       torch.float32, table)
+    with pytest.raises(ValueError, match="table does not match levels"):
+        torch.ops.fsq.quantize(z, [8, 5, 5, 5], "paper", False, False, 1, True, _table((8, 5, 5, 7), "paper", False))
+    with pytest.raises(ValueError, match="table must end with 0 values after the boundaries"):
+        torch.ops.fsq.quantize(z, [8, 5, 5, 5], "paper", False, False, 1, True, table + [0.0])
 
 
 OPCHECK_CASES = [
@@ -290,14 +305,16 @@ def test_opcheck(case):
     dtype, layout, num_codebooks, levels, variant, hard_clamp, return_indices = case
     z, channel_first = make_z(layout, 9, len(levels) * num_codebooks, dtype, seed=1)
     z.requires_grad_(True)
-    args = (z, list(levels), variant, hard_clamp, channel_first, num_codebooks, return_indices)
+    table = tables.quantize_table(levels, variant, hard_clamp, dtype)
+    args = (z, list(levels), variant, hard_clamp, channel_first, num_codebooks, return_indices, table)
     torch.library.opcheck(torch.ops.fsq.quantize.default, args)
     g = torch.randn(z.shape).to(dtype)
     torch.library.opcheck(torch.ops.fsq.quantize_backward.default,
-                          (g, z.detach(), list(levels), variant, hard_clamp, channel_first, num_codebooks))
+                          (g, z.detach(), list(levels), variant, hard_clamp, channel_first, num_codebooks, table))
     _, idx = native.quantize(z.detach(), levels, variant, hard_clamp, channel_first, num_codebooks, True)
     torch.library.opcheck(torch.ops.fsq.indices_to_codes.default,
-                          (idx, list(levels), variant, channel_first, num_codebooks, dtype))
+                          (idx, list(levels), variant, channel_first, num_codebooks, dtype,
+                           tables.quantize_table(levels, variant, False, dtype)))
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
@@ -358,8 +375,10 @@ def test_cuda_matches_cpu(case, variant, hard_clamp):
     assert torch.equal(indices_c.cpu(), indices)
     assert torch.equal(codes_c.cpu().nan_to_num(9.0), codes.nan_to_num(9.0))
     g = torch.randn(z.shape).to(dtype)
-    gz = torch.ops.fsq.quantize_backward(g, z, list(levels), variant, hard_clamp, channel_first, num_codebooks)
-    gz_c = torch.ops.fsq.quantize_backward(g.cuda(), zc, list(levels), variant, hard_clamp, channel_first, num_codebooks)
+    table = tables.quantize_table(levels, variant, hard_clamp, z.dtype)
+    gz = torch.ops.fsq.quantize_backward(g, z, list(levels), variant, hard_clamp, channel_first, num_codebooks, table)
+    gz_c = torch.ops.fsq.quantize_backward(g.cuda(), zc, list(levels), variant, hard_clamp, channel_first, num_codebooks,
+                                           table)
     torch.testing.assert_close(gz_c.cpu(), gz, equal_nan=True, rtol=1e-5 if dtype == torch.float32 else None,
                                atol=1e-7 if dtype == torch.float32 else None)
     ok = indices.clamp_min(0)
@@ -387,11 +406,13 @@ def test_backward_ops_check_gradient_shape_and_dtype():
     """Both backward ops name the gradient, the expected shape/dtype and the actual one."""
     z = torch.randn(3, 4)
     levels = [8, 5, 5, 5]
+    table = _table(levels, "paper", False)
+    rtable = tables.residual_table(tuple(levels), 2, True, torch.float32)
     with pytest.raises(ValueError, match=r"grad_codes must have the shape of z \[3, 4\], got \[3, 5\]"):
-        torch.ops.fsq.quantize_backward(torch.randn(3, 5), z, levels, "paper", False, False, 1)
+        torch.ops.fsq.quantize_backward(torch.randn(3, 5), z, levels, "paper", False, False, 1, table)
     with pytest.raises(TypeError, match=r"grad_codes must have the dtype of z \(Float\), got Double"):
-        torch.ops.fsq.quantize_backward(z.double(), z, levels, "paper", False, False, 1)
+        torch.ops.fsq.quantize_backward(z.double(), z, levels, "paper", False, False, 1, table)
     with pytest.raises(ValueError, match=r"grad_out must have the shape of x \[3, 4\], got \[2, 4\]"):
-        torch.ops.fsq.residual_quantize_backward(torch.randn(2, 4), z, levels, 2, True, None, False, 2)
+        torch.ops.fsq.residual_quantize_backward(torch.randn(2, 4), z, levels, 2, True, None, False, None, rtable)
     with pytest.raises(TypeError, match=r"grad_out must have the dtype of x \(Float\), got BFloat16"):
-        torch.ops.fsq.residual_quantize_backward(z.bfloat16(), z, levels, 2, True, None, False, 2)
+        torch.ops.fsq.residual_quantize_backward(z.bfloat16(), z, levels, 2, True, None, False, None, rtable)

@@ -19,7 +19,7 @@ import torch
 
 import fsq_kernels
 from fsq_kernels import reference
-from fsq_kernels.ops import native
+from fsq_kernels.ops import native, tables
 
 from .conftest import GRAD_TOLERANCE, assert_residual_consistent, assert_residual_parity, residual_stage_inputs, residual_windows
 
@@ -62,6 +62,7 @@ def _tokens_last(t, cf):
 
 
 def _rq(x, levels, q, hc, soft, cf, active):
+    active = None if active is None else torch.tensor(active, device=x.device)  # quantize dropout: a tensor
     return native.residual_quantize(x, tuple(levels), q, hc, soft, cf, active)
 
 
@@ -265,8 +266,9 @@ def test_bitwise_deterministic_across_threads():
             for hc, soft in BOUNDS:
                 for xi, gi, cf in ((x, g, False), (xc, gc, True)):
                     o, i = _rq(xi, LEVELS, 8, hc, soft, cf, 8)
-                    gx = torch.ops.fsq.residual_quantize_backward(gi, xi, list(LEVELS), 8, hc,
-                                                                  None if soft is None else list(soft), cf, 6)
+                    gx = torch.ops.fsq.residual_quantize_backward(
+                        gi, xi, list(LEVELS), 8, hc, None if soft is None else list(soft), cf, torch.tensor(6),
+                        tables.residual_table(LEVELS, 8, hc, xi.dtype))
                     row += [o, i, gx]
             outs.append(row)
     finally:
@@ -289,10 +291,12 @@ def test_opcheck(case):
     x, cf = _layout(layout, 9, dtype, seed=1)
     x.requires_grad_(True)
     soft_list = None if soft is None else list(soft)
-    torch.library.opcheck(torch.ops.fsq.residual_quantize.default, (x, list(LEVELS), q, hc, soft_list, cf, active))
-    g = torch.randn(x.shape).to(dtype)
-    torch.library.opcheck(torch.ops.fsq.residual_quantize_backward.default,
-                          (g, x.detach(), list(LEVELS), q, hc, soft_list, cf, active))
+    table = tables.residual_table(LEVELS, q, hc, dtype)
+    for act in (torch.tensor(active), None):
+        torch.library.opcheck(torch.ops.fsq.residual_quantize.default, (x, list(LEVELS), q, hc, soft_list, cf, act, table))
+        g = torch.randn(x.shape).to(dtype)
+        torch.library.opcheck(torch.ops.fsq.residual_quantize_backward.default,
+                              (g, x.detach(), list(LEVELS), q, hc, soft_list, cf, act, table))
 
 
 def test_saves_only_x():
@@ -305,7 +309,9 @@ def test_saves_only_x():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _rq(x, LEVELS, 8, True, PEER_SOFT, False, 8)
-    assert len(saved) == 1 and saved[0].dtype == torch.bfloat16 and saved[0].shape == x.shape
+    # x, and the 0-d active_stages tensor of quantize dropout
+    assert len(saved) == 2 and saved[0].dtype == torch.bfloat16 and saved[0].shape == x.shape
+    assert saved[1].dim() == 0 and not saved[1].is_floating_point()
 
 
 def test_aten_ops_independent_of_stage_count():
@@ -351,11 +357,19 @@ def test_torch_compile_fullgraph(compile_backend):
 
 def test_errors_name_the_argument():
     x = torch.randn(4, 4)
-    rq = torch.ops.fsq.residual_quantize
+    table = tables.residual_table(LEVELS, 3, True, torch.float32)
+
+    def rq(x, levels, q, hc, soft, cf, active):
+        return torch.ops.fsq.residual_quantize(x, levels, q, hc, soft, cf, torch.tensor(active), table)
+
     with pytest.raises(ValueError, match="num_stages must be an int >= 1, got 0"):
         rq(x, list(LEVELS), 0, True, None, False, 0)
     with pytest.raises(ValueError, match=r"active_stages must be an int in \[0, num_stages=3\], got 4"):
         rq(x, list(LEVELS), 3, True, None, False, 4)
+    with pytest.raises(ValueError, match="active_stages must be a 0-d tensor"):
+        torch.ops.fsq.residual_quantize(x, list(LEVELS), 3, True, None, False, torch.tensor([1, 2]), table)
+    with pytest.raises(TypeError, match="active_stages must be an integer tensor"):
+        torch.ops.fsq.residual_quantize(x, list(LEVELS), 3, True, None, False, torch.tensor(1.0), table)
     with pytest.raises(ValueError, match="soft_clamp must hold 4 positive values"):
         rq(x, list(LEVELS), 3, True, [1.0, 2.0], False, 3)
     with pytest.raises(ValueError, match="soft_clamp must hold 4 positive values"):
@@ -366,8 +380,10 @@ def test_errors_name_the_argument():
         rq(x, [8, 1, 5, 5], 3, True, None, False, 3)
     with pytest.raises(TypeError, match="x must be a floating tensor"):
         rq(torch.ones(4, 4, dtype=torch.int64), list(LEVELS), 3, True, None, False, 3)
+    with pytest.raises(ValueError, match="table must end with 12 values"):
+        torch.ops.fsq.residual_quantize(x, list(LEVELS), 3, True, None, False, None, table[:-1])
     with pytest.raises(ValueError, match="grad_out must have the shape of x"):
-        torch.ops.fsq.residual_quantize_backward(torch.randn(3, 4), x, list(LEVELS), 3, True, None, False, 3)
+        torch.ops.fsq.residual_quantize_backward(torch.randn(3, 4), x, list(LEVELS), 3, True, None, False, None, table)
 
 
 def test_public_api_backend_cpp():

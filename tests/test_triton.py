@@ -39,12 +39,19 @@ if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
 
 import fsq_kernels  # noqa: E402
 from fsq_kernels import reference  # noqa: E402
+from fsq_kernels.ops import tables  # noqa: E402
 from fsq_kernels.ops import triton as triton_backend  # noqa: E402
 from fsq_kernels.triton import fsq as K  # noqa: E402
 
 DEV = torch.device(TEST_DEVICE)
 LEVEL_SETS = TABLE1_LEVELS + [(2, 3, 4)] + LARGE_LEVELS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cst(levels, variant, hard_clamp, dtype=torch.float32):
+    """The constexpr payload the op layer hands the launchers."""
+    table = tables.quantize_table(tuple(levels), variant, hard_clamp, dtype)
+    return triton_backend.payload(tuple(levels), variant, hard_clamp, tuple(table))
 
 
 def _z(shape, dtype, seed, scale=1.5, specials=True):
@@ -239,6 +246,36 @@ def test_nan_inf(variant, hc, dtype):
     assert_matches_reference(codes, idx, z, levels, variant=variant, hard_clamp=hc, num_codebooks=2)
 
 
+@pytest.mark.parametrize("variant,hc", [("atanh", False), ("atanh", True), ("symmetric", True), ("symmetric", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_input_gradient_agrees_with_reference_and_cpp(variant, hc, dtype):
+    """A NaN input's gradient: 0 with hard_clamp (autograd of the clamp; Triton used to give NaN),
+    NaN through tanh; the other elements are untouched. Triton, reference and cpp agree."""
+    from fsq_kernels.ops import native
+
+    z = _z((3, 4), dtype, seed=3, specials=False)
+    z[0, 1] = float("nan")
+    z[2, 3] = float("nan")
+    grads = {}
+    runs = {"triton": lambda t: _quantize(t, (8, 5, 5, 5), variant, hc),
+            "reference": lambda t: reference.quantize(t, (8, 5, 5, 5), variant=variant, hard_clamp=hc)}
+    if native.is_available("cpu") and DEV.type == "cpu":
+        runs["cpp"] = lambda t: native.quantize(t, (8, 5, 5, 5), variant, hc, False, 1, True)
+    for name, run in runs.items():
+        zz = z.clone().requires_grad_(True)
+        run(zz)[0].float().sum().backward()
+        grads[name] = zz.grad.cpu().float()
+    nan = torch.isnan(z.cpu())
+    for name, g in grads.items():
+        if hc:
+            assert torch.equal(g[nan], torch.zeros(2)), name
+        else:
+            assert torch.isnan(g[nan]).all(), name
+        assert torch.isfinite(g[~nan]).all(), name
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads["reference"], rtol=1e-2, atol=0, equal_nan=True)
+
+
 def test_paper_unreachable_levels_saturate():
     """paper with L >= 1002: the outermost levels are unreachable, +-inf lands on the last
     reachable one, as in the reference (tanh path of the kernel)."""
@@ -285,12 +322,13 @@ def test_empty_no_launch(shape, cf):
         raise AssertionError("a kernel was launched for an empty tensor")
 
     z = torch.empty(shape, device=DEV)
-    codes, idx = K.fsq_forward(z, (8, 5, 5, 5), "paper", False, cf, 1, True, wrap=no_launch)
+    cst = _cst((8, 5, 5, 5), "paper", False)
+    codes, idx = K.fsq_forward(z, cst, K.PAPER, False, cf, 1, True, wrap=no_launch)
     assert codes.shape == z.shape
     assert idx.shape == ((shape[0],) + shape[2:] if cf else shape[:-1]) and idx.dtype == torch.int32
-    gz = K.fsq_backward(z, torch.empty_like(z), (8, 5, 5, 5), "paper", False, cf, 1, wrap=no_launch)
+    gz = K.fsq_backward(torch.empty_like(z), z, cst, K.PAPER, False, cf, 1, wrap=no_launch)
     assert gz.shape == z.shape
-    dec = K.fsq_decode(idx, (8, 5, 5, 5), "paper", cf, 1, wrap=no_launch)
+    dec = K.fsq_decode(idx, cst, K.PAPER, cf, 1, wrap=no_launch)
     assert dec.shape == z.shape
     # and through the op layer
     c2, i2 = fsq_kernels.quantize(z, [8, 5, 5, 5], channel_first=cf, backend="triton")
@@ -330,7 +368,7 @@ def test_decode_layouts_dtypes(dtype):
     want = reference.indices_to_codes(view.cpu(), levels, channel_first=True, num_codebooks=2, dtype=dtype)
     assert torch.equal(got.cpu(), want)
     # the -1 sentinel of a NaN token decodes to NaN (CUDA indices are not range-checked)
-    sentinel = K.fsq_decode(torch.tensor([-1, 3], device=DEV), levels, "paper", False, 1)
+    sentinel = K.fsq_decode(torch.tensor([-1, 3], device=DEV), _cst(levels, "paper", False), K.PAPER, False, 1)
     assert torch.isnan(sentinel[0]).all() and not torch.isnan(sentinel[1]).any()
 
 
@@ -340,26 +378,18 @@ def test_decode_layouts_dtypes(dtype):
 
 
 @pytest.mark.parametrize("variant,hc", VARIANT_CLAMPS)
-def test_boundaries_rounded_outward_exactly(variant, hc):
-    """The float32 boundaries are the float64 ones rounded so that comparing a float32 z with
-    them is the same as comparing it with the float64 value."""
-    import struct
-
+def test_constexpr_boundaries_are_the_table(variant, hc):
+    """The kernel's BOUNDS constexprs are the table's float32 comparison boundaries (finite, as
+    constexprs must be), and the tanh path carries none."""
     for levels in LEVEL_SETS:
-        c = K.level_constants(levels, variant, hc)
-        ref = reference.level_boundaries(levels, variant, hc)
+        c = _cst(levels, variant, hc)
         if not c["USE_CMP"]:
             assert c["BOUNDS"] == ()  # tanh path
             continue
-        for row32, row64 in zip(c["BOUNDS"], ref):
-            assert len(row32) == len(row64)
-            assert all(math.isfinite(t) for t in row32)  # constexprs must stay finite
-            for t32, t64 in zip(row32, row64):
-                assert struct.unpack("f", struct.pack("f", t32))[0] == t32  # float32-exact
-                if variant == "symmetric":
-                    assert t32 >= t64 and (t32 == t64 or abs(t32 - t64) < 1e-6 * max(1, abs(t64)))
-                else:
-                    assert t32 <= t64 and (t32 == t64 or abs(t32 - t64) < 1e-6 * max(1, abs(t64)))
+        k0, rows = reference.comparison_boundaries(levels, variant, hc, torch.float32)
+        assert k0 == [0] * len(levels)
+        assert [list(row) for row in c["BOUNDS"]] == rows
+        assert all(math.isfinite(t) for row in rows for t in row)
 
 
 def test_opcheck():
@@ -367,14 +397,16 @@ def test_opcheck():
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     if DEV.type == "cuda":
         tests = tests + ("test_aot_dispatch_dynamic",)  # tracing runs the kernels: not in the interpreter
+    table = tables.quantize_table((8, 5, 5, 5), "atanh", True, torch.float32)
     torch.library.opcheck(torch.ops.fsq_triton.quantize.default,
-                          (z, [8, 5, 5, 5], "atanh", True, True, 2, True), test_utils=tests)
+                          (z, [8, 5, 5, 5], "atanh", True, True, 2, True, table), test_utils=tests)
+    table = tables.quantize_table((8, 5, 5, 5), "paper", False, torch.float32)
     torch.library.opcheck(torch.ops.fsq_triton.quantize_backward.default,
-                          (z.detach(), torch.randn_like(z), [8, 5, 5, 5], "paper", False, True, 2),
+                          (torch.randn_like(z), z.detach(), [8, 5, 5, 5], "paper", False, True, 2, table),
                           test_utils=tests)
     idx = torch.randint(0, 1000, (2, 2, 3, 2), device=DEV, dtype=torch.int32)
     torch.library.opcheck(torch.ops.fsq_triton.indices_to_codes.default,
-                          (idx, [8, 5, 5, 5], "paper", True, 2, torch.bfloat16), test_utils=tests)
+                          (idx, [8, 5, 5, 5], "paper", True, 2, torch.bfloat16, table), test_utils=tests)
 
 
 def test_saves_only_z():

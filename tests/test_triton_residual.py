@@ -38,6 +38,7 @@ if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
 
 import fsq_kernels  # noqa: E402
 from fsq_kernels import reference  # noqa: E402
+from fsq_kernels.ops import tables  # noqa: E402
 from fsq_kernels.ops import triton as triton_backend  # noqa: E402
 from fsq_kernels.triton import fsq as K  # noqa: E402
 from fsq_kernels.triton import residual as R  # noqa: E402
@@ -80,7 +81,14 @@ def _layout(name, dtype, seed):
 
 
 def _rq(x, levels, q, hc, soft, cf, active):
+    active = None if active is None else torch.tensor(active, device=x.device)  # quantize dropout: a tensor
     return triton_backend.residual_quantize(x, tuple(levels), q, hc, soft, cf, active)
+
+
+def _cst(levels, q, hc, soft):
+    """The constexpr payload the op layer hands the launchers."""
+    table = tables.residual_table(tuple(levels), q, hc, torch.float32)
+    return triton_backend.payload(tuple(levels), "symmetric", hc, tuple(table), soft, q)
 
 
 def _tokens_last(t, cf):
@@ -264,8 +272,9 @@ def test_int64_offset_path(layout, monkeypatch):
     monkeypatch.setattr(K, "_FORCE_I64", True)
     x, cf = _layout(layout, torch.float32, seed=1)
     _check(x, LEVELS, 4, True, PEER_SOFT, cf)
-    assert _captured(R.residual_forward, x, LEVELS, 4, True, PEER_SOFT, cf, 4)[2]["I64"]
-    assert _captured(R.residual_backward, x, x, LEVELS, 4, True, PEER_SOFT, cf, 4)[2]["I64"]
+    cst = _cst(LEVELS, 4, True, PEER_SOFT)
+    assert _captured(R.residual_forward, x, cst, True, cf, None)[2]["I64"]
+    assert _captured(R.residual_backward, x, x, cst, True, cf, None)[2]["I64"]
 
 
 @pytest.mark.parametrize("shape,cf", [((0, 4), False), ((3, 0, 4), False), ((0, 4, 2, 2), True), ((2, 4, 0, 3), True)])
@@ -274,11 +283,12 @@ def test_empty_no_launch(shape, cf):
         raise AssertionError("a kernel was launched for an empty tensor")
 
     x = torch.empty(shape, device=DEV)
-    out, idx = R.residual_forward(x, LEVELS, 3, True, PEER_SOFT, cf, 3, wrap=no_launch)
+    cst = _cst(LEVELS, 3, True, PEER_SOFT)
+    out, idx = R.residual_forward(x, cst, True, cf, None, wrap=no_launch)
     tok = (shape[0],) + shape[2:] if cf else shape[:-1]
     assert out.shape == x.shape and idx.dtype == torch.int32
     assert idx.shape == ((tok[0], 3) + tok[1:] if cf else tok + (3,))
-    assert R.residual_backward(x, x, LEVELS, 3, True, PEER_SOFT, cf, 3, wrap=no_launch).shape == x.shape
+    assert R.residual_backward(x, x, cst, True, cf, None, wrap=no_launch).shape == x.shape
     o2, i2 = fsq_kernels.residual_quantize(x, LEVELS, 3, channel_first=cf, backend="triton")
     assert o2.shape == x.shape and i2.shape == idx.shape
 
@@ -293,11 +303,13 @@ def test_opcheck():
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     if DEV.type == "cuda":
         tests = tests + ("test_aot_dispatch_dynamic",)  # tracing runs the kernels: not in the interpreter
-    for soft in (list(PEER_SOFT), None):
+    for soft, active in ((list(PEER_SOFT), torch.tensor(3, device=DEV)), (None, None)):
+        table = tables.residual_table(LEVELS, 4, True, torch.float32)
         torch.library.opcheck(torch.ops.fsq_triton.residual_quantize.default,
-                              (x, list(LEVELS), 4, True, soft, True, 3), test_utils=tests)
+                              (x, list(LEVELS), 4, True, soft, True, active, table), test_utils=tests)
+        table = tables.residual_table(LEVELS, 4, False, torch.float32)
         torch.library.opcheck(torch.ops.fsq_triton.residual_quantize_backward.default,
-                              (x.detach(), torch.randn_like(x), list(LEVELS), 4, False, soft, True, 3),
+                              (torch.randn_like(x), x.detach(), list(LEVELS), 4, False, soft, True, active, table),
                               test_utils=tests)
 
 
@@ -311,7 +323,9 @@ def test_saves_only_x():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _rq(x, LEVELS, 8, True, PEER_SOFT, False, 8)
-    assert len(saved) == 1 and saved[0].dtype == torch.bfloat16 and saved[0].shape == x.shape
+    # x, and the 0-d active_stages tensor of quantize dropout
+    assert len(saved) == 2 and saved[0].dtype == torch.bfloat16 and saved[0].shape == x.shape
+    assert saved[1].dim() == 0 and not saved[1].is_floating_point()
 
 
 def _captured(launcher, *args):
@@ -330,23 +344,20 @@ def _captured(launcher, *args):
 
 
 def test_active_stages_is_a_runtime_argument():
-    """Quantize dropout changes active_stages every step: it must not be part of the compile key
-    (not a constexpr, not specialised), so every value reuses one compiled kernel."""
+    """Quantize dropout changes active_stages every step: the kernels load it from a 0-d tensor
+    (no host sync), so it is no part of the compile key and every value reuses one kernel."""
     x = torch.empty(64, 4, device="meta")
-    keys = set()
-    for active in range(0, 9):
-        kernel, args, kwargs = _captured(R.residual_forward, x, LEVELS, 8, True, PEER_SOFT, False, active)
-        assert args[3] == active and "active_stages" not in kwargs
-        keys.add(repr(sorted(kwargs.items())))
-    assert len(keys) == 1
-    keys = set()
-    for active in (0, 1, 5):
-        kernel, args, kwargs = _captured(R.residual_backward, x, x, LEVELS, 8, True, PEER_SOFT, False, active)
-        assert args[3] == active and "active_stages" not in kwargs
-        keys.add(repr(sorted(kwargs.items())))
-    assert len(keys) == 1
-    # (that the real JIT does not specialise it on value, e.g. == 1 or % 16 == 0, is checked by
-    # tests/test_triton_static.py, where triton.jit is not the interpreter)
+    cst = _cst(LEVELS, 8, True, PEER_SOFT)
+    for launcher, lead in ((R.residual_forward, (x,)), (R.residual_backward, (x, x))):
+        keys = set()
+        for active in range(0, 9):
+            a = torch.tensor(active, device="meta")
+            kernel, args, kwargs = _captured(launcher, *lead, cst, True, False, a)
+            assert args[3] is a and kwargs["HAS_ACTIVE"] and "active_stages" not in kwargs
+            keys.add(repr(sorted(kwargs.items())))
+        assert len(keys) == 1
+        _, _, kwargs = _captured(launcher, *lead, cst, True, False, None)
+        assert not kwargs["HAS_ACTIVE"]  # None: every stage, no load
 
 
 def test_public_api_backend_triton():

@@ -1,35 +1,30 @@
-"""The Triton backend of the op layer: torch.library registration, fake impls, autograd.
+"""The Triton backend of the op layer: torch.library registration and the kernels' constexprs.
 
-Ops (namespace ``fsq_triton``), each a ``torch.library.triton_op`` whose body launches the
-kernels of ``fsq_kernels/triton/fsq.py`` through ``torch.library.wrap_triton``; triton_op
-derives the fake (meta) implementation from the same body (it only allocates outputs from
-shapes), and ``torch.compile`` sees the kernels themselves rather than an opaque call.
+Ops (namespace ``fsq_triton``, the schemas of ``fsq::``: fsq_kernels/ops/registration.py), each
+a ``torch.library.triton_op`` whose body launches the kernels of ``fsq_kernels/triton/`` through
+``torch.library.wrap_triton``; triton_op derives the fake (meta) implementation from the same
+body (it only allocates outputs from shapes), and ``torch.compile`` sees the kernels themselves
+rather than an opaque call. Autograd is the helper shared with ``fsq::``.
 
-* ``fsq_triton::quantize(z, levels, variant, hard_clamp, channel_first, num_codebooks,
-  return_indices) -> (codes, indices)``: indices is an empty int tensor when not requested.
-* ``fsq_triton::quantize_backward(z, grad_codes, levels, variant, hard_clamp, channel_first,
-  num_codebooks) -> grad_z``.
-* ``fsq_triton::indices_to_codes(indices, levels, variant, channel_first, num_codebooks,
-  dtype) -> codes``.
-* ``fsq_triton::residual_quantize(x, levels, num_stages, hard_clamp, soft_clamp, channel_first,
-  active_stages) -> (out, indices)`` and ``fsq_triton::residual_quantize_backward(x, grad_out,
-  ...same arguments) -> grad_x``: fused residual FSQ (kernels in ``fsq_kernels/triton/residual.py``).
-
-Autograd: ``quantize`` saves only z (in its own dtype) and its backward is one launch of
-``quantize_backward`` (straight-through across the round, true derivative of the bound);
-``residual_quantize`` saves only x and its backward is one launch of
-``residual_quantize_backward``, which recomputes the stages from x.
-Arguments arrive validated by ``fsq_kernels.ops`` (docs/BACKENDS.md); nothing here reads
-tensor values on the host, so forward and backward never synchronize with the device.
+Each op receives its table (fsq_kernels/ops/tables.py); ``payload`` turns it into the kernels'
+constexprs (boundaries, shifts, gradient coefficients, stage scales), so Triton consumes the
+same numbers as the C++ and CUDA kernels. Arguments arrive validated by ``fsq_kernels.ops``;
+nothing here reads tensor values on the host, so forward and backward never synchronize with
+the device.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .. import reference, shapes
+from . import registration, tables
 
 try:  # the interpreter (TRITON_INTERPRET=1) must be chosen before this import
     import triton  # noqa: F401
@@ -43,7 +38,40 @@ except ImportError:  # pragma: no cover - depends on the environment
     _rk = None
     _TRITON_IMPORTS = False
 
-__all__ = ["indices_to_codes", "is_available", "quantize", "residual_quantize"]
+__all__ = ["indices_to_codes", "is_available", "payload", "quantize", "residual_quantize", "supports"]
+
+MAX_CHANNELS = 64  # channels per codebook: one constexpr lane each
+
+
+def supports(levels: tuple[int, ...]) -> bool:
+    """Level sets the Triton kernels take: at most 64 channels per codebook (any L; above
+    CMP_MAX_LEVELS the forward takes the inexact tanh path, README "How exact is exact?")."""
+    return len(levels) <= MAX_CHANNELS
+
+
+@functools.cache
+def payload(levels: tuple, variant: str, hard_clamp: bool, table: tuple, soft_clamp=None, num_stages: int = 0) -> dict:
+    """The constexprs of one launch, from the op's table: LEVELS, BASIS, NUM_CODES, INDEX_64,
+    USE_CMP, BOUNDS (per channel, empty on the tanh path), MAX_B, HALF_L, OFFSET, SHIFT,
+    GRAD_SCALE, and for residual ops SCALES (num_stages rows) and SOFT (float32 soft clamp)."""
+    d = len(levels)
+    fields, rows, extra = tables.split(table, d)
+    use_cmp = max(levels) <= _k.CMP_MAX_LEVELS  # the exact comparison path, else the tanh path
+    if use_cmp:  # every boundary finite: k0 == 0, L - 1 of them
+        assert all(len(row) == level - 1 for row, level in zip(rows, levels)), "table does not match levels"
+    num_codes = math.prod(levels)
+    out = dict(
+        LEVELS=tuple(levels), BASIS=tuple(reference.basis(levels)), NUM_CODES=num_codes,
+        INDEX_64=shapes.index_dtype(levels) == torch.int64, USE_CMP=use_cmp,
+        BOUNDS=tuple(tuple(row) for row in rows) if use_cmp else (),
+        MAX_B=max(levels) - 1 if use_cmp else 0,
+        HALF_L=tuple(fields["half_l"]), OFFSET=tuple(fields["offset"]), SHIFT=tuple(fields["shift"]),
+        GRAD_SCALE=tuple(fields["grad_coef"]),
+    )
+    if num_stages:
+        out["SCALES"] = tuple(tuple(extra[s * d:(s + 1) * d]) for s in range(num_stages))
+        out["SOFT"] = () if soft_clamp is None else tuple(tables.round_to(c, torch.float32) for c in soft_clamp)
+    return out
 
 
 def is_available(device_type: str) -> bool:
@@ -86,113 +114,57 @@ if _TRITON_IMPORTS:
 
     @triton_op("fsq_triton::quantize", mutates_args=())
     def _quantize_op(
-        z: Tensor,
-        levels: list[int],
-        variant: str,
-        hard_clamp: bool,
-        channel_first: bool,
-        num_codebooks: int,
-        return_indices: bool,
+        z: Tensor, levels: list[int], variant: str, hard_clamp: bool, channel_first: bool,
+        num_codebooks: int, return_indices: bool, table: list[float],
     ) -> tuple[Tensor, Tensor]:
+        cst = payload(tuple(levels), variant, hard_clamp, tuple(table))
         codes, indices = _k.fsq_forward(
-            z, tuple(levels), variant, hard_clamp, channel_first, num_codebooks, return_indices,
-            wrap=_wrap(z),
+            z, cst, _k.VARIANTS[variant], hard_clamp, channel_first, num_codebooks, return_indices, wrap=_wrap(z),
         )
         if indices is None:
-            indices = torch.empty(0, dtype=torch.int32, device=z.device)
+            indices = torch.empty(0, dtype=shapes.index_dtype(levels), device=z.device)
         return codes, indices
 
     @triton_op("fsq_triton::quantize_backward", mutates_args=())
     def _quantize_backward_op(
-        z: Tensor,
-        grad_codes: Tensor,
-        levels: list[int],
-        variant: str,
-        hard_clamp: bool,
-        channel_first: bool,
-        num_codebooks: int,
+        grad_codes: Tensor, z: Tensor, levels: list[int], variant: str, hard_clamp: bool,
+        channel_first: bool, num_codebooks: int, table: list[float],
     ) -> Tensor:
+        cst = payload(tuple(levels), variant, hard_clamp, tuple(table))
         return _k.fsq_backward(
-            z, grad_codes, tuple(levels), variant, hard_clamp, channel_first, num_codebooks,
-            wrap=_wrap(z),
+            grad_codes, z, cst, _k.VARIANTS[variant], hard_clamp, channel_first, num_codebooks, wrap=_wrap(z),
         )
 
     @triton_op("fsq_triton::indices_to_codes", mutates_args=())
     def _indices_to_codes_op(
-        indices: Tensor,
-        levels: list[int],
-        variant: str,
-        channel_first: bool,
-        num_codebooks: int,
-        dtype: torch.dtype,
+        indices: Tensor, levels: list[int], variant: str, channel_first: bool, num_codebooks: int,
+        dtype: torch.dtype, table: list[float],
     ) -> Tensor:
+        cst = payload(tuple(levels), variant, False, tuple(table))
         return _k.fsq_decode(
-            indices, tuple(levels), variant, channel_first, num_codebooks, dtype, wrap=_wrap(indices)
+            indices, cst, _k.VARIANTS[variant], channel_first, num_codebooks, dtype, wrap=_wrap(indices)
         )
-
-    def _setup_context(ctx, inputs, output):
-        z, levels, variant, hard_clamp, channel_first, num_codebooks, _ = inputs
-        ctx.save_for_backward(z)  # only z, in its own dtype
-        ctx.fsq_args = (list(levels), variant, hard_clamp, channel_first, num_codebooks)
-        ctx.set_materialize_grads(False)
-
-    def _backward(ctx, grad_codes, grad_indices):
-        (z,) = ctx.saved_tensors
-        if grad_codes is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
-        grad_z = torch.ops.fsq_triton.quantize_backward(z, grad_codes, *ctx.fsq_args)
-        return grad_z, None, None, None, None, None, None
-
-    torch.library.register_autograd("fsq_triton::quantize", _backward, setup_context=_setup_context)
 
     @triton_op("fsq_triton::residual_quantize", mutates_args=())
     def _residual_quantize_op(
-        x: Tensor,
-        levels: list[int],
-        num_stages: int,
-        hard_clamp: bool,
-        soft_clamp: Optional[list[float]],
-        channel_first: bool,
-        active_stages: int,
+        x: Tensor, levels: list[int], num_stages: int, hard_clamp: bool, soft_clamp: Optional[list[float]],
+        channel_first: bool, active_stages: Optional[Tensor], table: list[float],
     ) -> tuple[Tensor, Tensor]:
-        return _rk.residual_forward(
-            x, tuple(levels), num_stages, hard_clamp, soft_clamp, channel_first, active_stages,
-            wrap=_wrap(x),
-        )
+        soft = None if soft_clamp is None else tuple(soft_clamp)
+        cst = payload(tuple(levels), "symmetric", hard_clamp, tuple(table), soft, num_stages)
+        return _rk.residual_forward(x, cst, hard_clamp, channel_first, active_stages, wrap=_wrap(x))
 
     @triton_op("fsq_triton::residual_quantize_backward", mutates_args=())
     def _residual_quantize_backward_op(
-        x: Tensor,
-        grad_out: Tensor,
-        levels: list[int],
-        num_stages: int,
-        hard_clamp: bool,
-        soft_clamp: Optional[list[float]],
-        channel_first: bool,
-        active_stages: int,
+        grad_out: Tensor, x: Tensor, levels: list[int], num_stages: int, hard_clamp: bool,
+        soft_clamp: Optional[list[float]], channel_first: bool, active_stages: Optional[Tensor],
+        table: list[float],
     ) -> Tensor:
-        return _rk.residual_backward(
-            x, grad_out, tuple(levels), num_stages, hard_clamp, soft_clamp, channel_first,
-            active_stages, wrap=_wrap(x),
-        )
+        soft = None if soft_clamp is None else tuple(soft_clamp)
+        cst = payload(tuple(levels), "symmetric", hard_clamp, tuple(table), soft, num_stages)
+        return _rk.residual_backward(grad_out, x, cst, hard_clamp, channel_first, active_stages, wrap=_wrap(x))
 
-    def _residual_setup_context(ctx, inputs, output):
-        x, levels, num_stages, hard_clamp, soft_clamp, channel_first, active_stages = inputs
-        ctx.save_for_backward(x)  # only x, in its own dtype: the backward recomputes the stages
-        ctx.fsq_args = (list(levels), num_stages, hard_clamp,
-                        None if soft_clamp is None else list(soft_clamp), channel_first, active_stages)
-        ctx.set_materialize_grads(False)
-
-    def _residual_backward(ctx, grad_out, grad_indices):
-        (x,) = ctx.saved_tensors
-        if grad_out is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
-        grad_x = torch.ops.fsq_triton.residual_quantize_backward(x, grad_out, *ctx.fsq_args)
-        return grad_x, None, None, None, None, None, None
-
-    torch.library.register_autograd(
-        "fsq_triton::residual_quantize", _residual_backward, setup_context=_residual_setup_context
-    )
+    registration.register_autograd("fsq_triton")
 
 
 def quantize(
@@ -205,9 +177,9 @@ def quantize(
     return_indices: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """(codes in z.dtype, indices or None); differentiable with respect to z."""
+    table = tables.quantize_table(levels, variant, hard_clamp, z.dtype)
     codes, indices = torch.ops.fsq_triton.quantize(
-        z, list(levels), variant, bool(hard_clamp), bool(channel_first), int(num_codebooks),
-        bool(return_indices),
+        z, list(levels), variant, bool(hard_clamp), bool(channel_first), int(num_codebooks), bool(return_indices), table,
     )
     return codes, (indices if return_indices else None)
 
@@ -221,9 +193,10 @@ def indices_to_codes(
     dtype: torch.dtype | None,
 ) -> Tensor:
     """Codes (float32 unless dtype is given) from indices, channel-last or channel-first."""
+    dtype = torch.float32 if dtype is None else dtype
+    table = tables.quantize_table(levels, variant, False, dtype)
     return torch.ops.fsq_triton.indices_to_codes(
-        indices, list(levels), variant, bool(channel_first), int(num_codebooks),
-        torch.float32 if dtype is None else dtype,
+        indices, list(levels), variant, bool(channel_first), int(num_codebooks), dtype, table,
     )
 
 
@@ -234,13 +207,15 @@ def residual_quantize(
     hard_clamp: bool,
     soft_clamp: tuple[float, ...] | None,
     channel_first: bool,
-    active_stages: int,
+    active_stages: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Fused residual FSQ (reference.residual_quantize is the contract): (sum of the active
     stages' scaled codes in x.dtype, indices (..., num_stages) or (B, num_stages, ...), -1 for
-    dropped stages and NaN tokens); differentiable with respect to x."""
+    dropped stages and NaN tokens); differentiable with respect to x.
+    active_stages: None (every stage) or a 0-d integer tensor on x's device."""
+    table = tables.residual_table(levels, num_stages, hard_clamp, x.dtype)
     return torch.ops.fsq_triton.residual_quantize(
         x, list(levels), int(num_stages), bool(hard_clamp),
         None if soft_clamp is None else [float(c) for c in soft_clamp],
-        bool(channel_first), int(active_stages),
+        bool(channel_first), registration.active_stages_tensor(active_stages, int(num_stages), x.device), table,
     )

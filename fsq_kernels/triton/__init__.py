@@ -1,8 +1,7 @@
-"""Triton kernels for FSQ: forward (codes + indices), straight-through backward, decode.
+"""Triton kernels for FSQ: forward (codes + indices), straight-through backward, decode, and the
+fused residual FSQ. Import this package only where Triton is importable; `fsq_kernels.ops.triton`
+guards that and hands the launchers their constexpr payload."""
 
-Import this package only where Triton is importable; `fsq_kernels.ops.triton` guards that.
-"""
+from .fsq import fsq_backward, fsq_decode, fsq_forward
 
-from .fsq import fsq_backward, fsq_decode, fsq_forward, level_constants
-
-__all__ = ["fsq_backward", "fsq_decode", "fsq_forward", "level_constants"]
+__all__ = ["fsq_backward", "fsq_decode", "fsq_forward"]

@@ -5,7 +5,7 @@ Nothing here knows about autograd or torch.library: the op layer
 argument of the launchers, so the same launchers run eagerly, under ``torch.compile`` and
 under ``TRITON_INTERPRET=1`` (CPU tensors).
 
-Design (see DESIGN.md section 1 for the math contract):
+Design (see docs/design.md for the math contract):
 
 * Work unit = one (token, codebook) pair: the ``d`` channels of one codebook of one token.
   A program handles a tile ``[BLOCK, D_PAD]`` of units x channels.  The codebook axis is just
@@ -17,15 +17,17 @@ Design (see DESIGN.md section 1 for the math contract):
   fall back to a copy).
 * Level sets are ``tl.constexpr`` tuples: the per-channel constants and the level boundaries
   become immediates in the code, so there is no constant tensor, no host-to-device copy and
-  no gather in the kernel.  The price is one compilation per level set (x variant, dtype,
-  layout), which a training job pays once.
+  no gather in the kernel.  The numbers are the op's table (fsq_kernels/ops/tables.py), turned
+  into constexprs by the op layer (``fsq_kernels/ops/triton.py``, ``payload``); nothing here
+  derives a constant.  The price is one compilation per level set (x variant, dtype, layout),
+  which a training job pays once.
 * Forward: for level counts up to ``CMP_MAX_LEVELS`` the level index is the number of
-  boundaries below z (DESIGN "The forward needs no tanh"); the float64 boundaries are rounded
-  *directed* to float32 (down for ``z > t``, up for ``z >= t``) so that comparing a float32 z
-  with them is exactly comparing it with the float64 boundary.  For larger level counts the
-  comparison chain would cost more than the memory traffic, so the kernel evaluates the
-  bound (tanh from exp2) and rounds half-to-even in float32 instead; both are inside the
-  tolerance window of the contract.
+  boundaries below z (``z > t``, or ``z >= t`` for symmetric) against the float32 boundaries
+  of the table, rounded in the direction of the comparison: exact for every float32,
+  bfloat16 and float16 input.  For larger level counts the comparison chain would cost more
+  than the memory traffic, so the kernel evaluates the bound (tanh from exp2) and rounds
+  half-to-even in float32 instead: that path is not exact near a boundary (README, "How exact
+  is exact?").
 * All math in float32 registers; codes are stored in the input dtype (bfloat16 rounded to
   nearest even by integer ops, see ``_cast_out``); indices int32 or int64 (-1 for a codebook
   with a NaN channel).  Backward reads z and grad_codes once and writes grad_z; decode reads
@@ -36,105 +38,22 @@ Design (see DESIGN.md section 1 for the math contract):
 from __future__ import annotations
 
 import math
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import shapes
 
 # Variants as kernel constexprs.
 PAPER, ATANH, SYMMETRIC = 0, 1, 2
 VARIANTS = {"paper": PAPER, "atanh": ATANH, "symmetric": SYMMETRIC}
 
-EPS = 1e-3
 CMP_MAX_LEVELS = 32  # comparison path when max(levels) <= this, tanh path above
 MAX_OUTER = 3  # outer unit dimensions handled in-kernel (plus one blocked inner dimension)
 INT32_MAX = 2**31 - 1
 
 _TWO_LOG2E = tl.constexpr(2.0 * 1.4426950408889634)  # tanh via exp2: e^(2x) = 2^(2x*log2(e))
-
-# --------------------------------------------------------------------------------------------
-# Per-level-set constants (host, float64, cached)
-# --------------------------------------------------------------------------------------------
-
-
-def _f32_round(x: float, mode: str) -> float:
-    """Round a float64 to a float32 value: 'nearest', 'down' (largest <= x) or 'up'."""
-    if math.isinf(x) or math.isnan(x):
-        return x
-    f = struct.unpack("f", struct.pack("f", x))[0]  # nearest (may overflow to inf: fine)
-    if mode == "down" and f > x:
-        f = _next_f32(f, -1)
-    elif mode == "up" and f < x:
-        f = _next_f32(f, +1)
-    return f
-
-
-def _next_f32(f: float, direction: int) -> float:
-    bits = struct.unpack("<i", struct.pack("<f", f))[0]
-    if f == 0.0:
-        tiny = struct.unpack("<f", struct.pack("<i", 1))[0]
-        return tiny if direction > 0 else -tiny
-    if (f > 0) == (direction > 0):
-        bits += 1
-    else:
-        bits -= 1
-    return struct.unpack("<f", struct.pack("<i", bits))[0]
-
-
-def level_constants(levels: tuple[int, ...], variant: str, hard_clamp: bool) -> dict:
-    """Constexpr payload for one level set: python tuples of ints / float32-exact floats.
-
-    Keys: LEVELS, HW (L // 2), SCALE_CODE (denominator of the code), HALF_L, OFFSET, SHIFT,
-    GRAD_SCALE (half_l / hw, or 1 for symmetric), BASIS, BOUNDS (per channel, L_i - 1 float32
-    boundaries; empty on the tanh path), MAX_B, USE_CMP, INDEX_64, NUM_CODES.
-    The float64 numbers come from fsq_kernels.reference (channel_constants, level_boundaries,
-    DESIGN "The forward needs no tanh"); only their rounding to float32 happens here.
-    """
-    return _level_constants(tuple(int(x) for x in levels), variant, bool(hard_clamp))
-
-
-_CONST_CACHE: dict = {}
-
-
-def _level_constants(levels, variant, hard_clamp):
-    key = (levels, variant, hard_clamp)
-    hit = _CONST_CACHE.get(key)
-    if hit is not None:
-        return hit
-    v = VARIANTS[variant]
-    consts = reference.channel_constants(levels, variant, hard_clamp)
-    bounds64 = reference.level_boundaries(levels, variant, hard_clamp)
-    max_b = max(levels) - 1
-    # k = #{z > t} (paper/atanh): round t down; k = #{z >= t} (symmetric): round t up.  Then a
-    # float32 z compares with the float32 boundary exactly as with the float64 one.
-    direction = "up" if v == SYMMETRIC else "down"
-    use_cmp = max(levels) <= CMP_MAX_LEVELS
-    # Ragged rows, no padding, and none at all on the tanh path: constexpr values stay finite
-    # (torch.compile writes them into generated source, where inf is not a literal).
-    bounds = tuple(tuple(_f32_round(t, direction) for t in row) for row in bounds64) if use_cmp else ()
-    grad_scales = [1.0 if v == SYMMETRIC else h / hw
-                   for h, hw in zip(consts["half_l"], consts["half_width"])]
-    nearest = lambda xs: tuple(_f32_round(float(x), "nearest") for x in xs)  # noqa: E731
-    num_codes = math.prod(levels)
-    out = dict(
-        LEVELS=tuple(levels),
-        HALF_L=nearest(consts["half_l"]),
-        OFFSET=nearest(consts["offset"]),
-        SHIFT=nearest(consts["shift"]),
-        GRAD_SCALE=nearest(grad_scales),
-        BASIS=tuple(reference.basis(levels)),
-        BOUNDS=bounds,
-        MAX_B=max_b if use_cmp else 0,
-        USE_CMP=use_cmp,
-        INDEX_64=num_codes > INT32_MAX,
-        NUM_CODES=num_codes,
-    )
-    _CONST_CACHE[key] = out
-    return out
-
 
 # --------------------------------------------------------------------------------------------
 # Device helpers
@@ -175,6 +94,18 @@ def _cast_out(x, DTYPE: tl.constexpr):
         return hi.to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def _load_f32(ptrs, mask):
+    """Load and widen to float32.  bfloat16 is widened by integer ops (its bits << 16): exact for
+    subnormals, which the interpreter's bfloat16 conversion flushes to zero, and the same code
+    (one shift, as the hardware conversion) on the GPU."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        bits = tl.load(ptrs.to(tl.pointer_type(tl.uint16)), mask=mask, other=0)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -295,7 +226,7 @@ def _fsq_fwd_kernel(
     else:
         z_off = z_unit[:, None] + lane_off[None, :] * zs_c
     mask = row_ok[:, None] & lane_ok[None, :]
-    z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)  # the only read of z
+    z = _load_f32(z_ptr + z_off, mask)  # the only read of z
 
     L_i = _lane_int(LEVELS, lane, D, D_PAD, tl.int32)
     L_max = (L_i - 1)[None, :]
@@ -373,16 +304,15 @@ def _fsq_bwd_kernel(
         o_off = o_unit[:, None] + lane_off[None, :]
     else:
         o_off = o_unit[:, None] + lane_off[None, :] * os_c
-    z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+    z = _load_f32(z_ptr + z_off, mask)
+    g = _load_f32(g_ptr + g_off, mask)
 
     if VARIANT == 2:
         x = z
     else:
         x = z + _lane_f32(SHIFT, lane, D, D_PAD, 0.0)[None, :]
     if HARD_CLAMP:
-        d = tl.where((x > -1.0) & (x < 1.0), 1.0, 0.0)
-        d = tl.where(x != x, x, d)  # NaN stays NaN, as in the reference
+        d = tl.where((x > -1.0) & (x < 1.0), 1.0, 0.0)  # NaN: 0, as autograd of the clamp
     else:
         u = _one_minus_tanh_abs(x)
         d = u * (2.0 - u)  # 1 - tanh^2 = (1 - |t|)(1 + |t|)
@@ -474,60 +404,47 @@ def _collapse(sizes, stride_lists):
     return [d[0] for d in out], [[d[1][t] for d in out] for t in range(len(stride_lists))]
 
 
-def _z_units(shape, strides, channel_first, ncb, d):
-    """Unit dims (sizes, strides) and channel stride of a z-shaped tensor (elements)."""
+def z_units(t, channel_first, ncb, d):
+    """An operand shaped like z: (unit sizes, unit strides, channel stride, d); units are the
+    (token, codebook) pairs, the codebook axis a unit dim of stride d * channel stride."""
+    shape, strides = t.shape, t.stride()
     if channel_first:
         sizes = [shape[0], ncb] + list(shape[2:])
-        st = [strides[0], strides[1] * d] + list(strides[2:])
-        return sizes, st, strides[1]
-    sizes = list(shape[:-1]) + [ncb]
-    st = list(strides[:-1]) + [strides[-1] * d]
-    return sizes, st, strides[-1]
+        return sizes, [strides[0], strides[1] * d] + list(strides[2:]), strides[1], d
+    return list(shape[:-1]) + [ncb], list(strides[:-1]) + [strides[-1] * d], strides[-1], d
 
 
-def _idx_units(tok_shape, idx_strides, channel_first, ncb):
-    """Unit strides of an index tensor of shape tok_shape + (ncb,), in z's unit order."""
-    if channel_first:
-        # z units (B, ncb, *S); index dims (B, *S, ncb)
-        return [idx_strides[0], idx_strides[-1]] + list(idx_strides[1:-1])
-    return list(idx_strides)
+def index_units(idx, channel_first, ncb, channels=1, channel_dim=None):
+    """An index operand in z's unit order: quantize indices (tokens..., ncb) have channels 1;
+    residual indices have their stage axis at `channel_dim` as `channels` channels."""
+    st = list(idx.stride())
+    if channel_dim is not None:  # residual: one codebook, the stage axis is the channel axis
+        cs = st.pop(channel_dim)
+        return None, ([st[0], 0] + st[1:] if channel_first else st + [0]), cs, channels
+    if ncb == 1:  # no codebook axis in idx: a size-1 one
+        st = st + [1]
+    if channel_first:  # z units (B, ncb, *S); index dims (B, *S, ncb)
+        return None, [st[0], st[-1]] + st[1:-1], 0, 1
+    return None, st, 0, 1
 
 
 def _pad_outer(sizes, strides):
     """-> n_inner, (n_o1, n_o2), (s_in, s_o0, s_o1, s_o2) for up to MAX_OUTER outer dims."""
     n_outer = len(sizes) - 1
-    outer_sizes = sizes[:-1]
-    outer_strides = strides[:-1]
-    # o0 slowest .. o2 fastest: right-align the outer dims
-    pad = MAX_OUTER - n_outer
-    osz = [1] * pad + outer_sizes
-    ost = [0] * pad + outer_strides
-    # only the last n_outer entries are used by the kernel; N_OUTER selects the formula
+    osz = [1] * (MAX_OUTER - n_outer) + sizes[:-1]  # o0 slowest .. o2 fastest: right-aligned
+    ost = [0] * (MAX_OUTER - n_outer) + strides[:-1]
     if n_outer == 1:
-        o = (ost[2], 0, 0)
-        n = (1, 1)
+        o, n = (ost[2], 0, 0), (1, 1)
     elif n_outer == 2:
-        o = (ost[1], ost[2], 0)
-        n = (osz[2], 1)
+        o, n = (ost[1], ost[2], 0), (osz[2], 1)
     elif n_outer == 3:
-        o = (ost[0], ost[1], ost[2])
-        n = (osz[1], osz[2])
+        o, n = (ost[0], ost[1], ost[2]), (osz[1], osz[2])
     else:
-        o = (0, 0, 0)
-        n = (1, 1)
+        o, n = (0, 0, 0), (1, 1)
     return sizes[-1], n, (strides[-1],) + o
 
 
 _FORCE_I64 = False  # tests flip this to run the 64-bit offset path on small tensors
-
-
-def _span(sizes, strides):
-    return sum((s - 1) * abs(st) for s, st in zip(sizes, strides))
-
-
-def _block_for(d_pad, n_inner):
-    block = max(16, 2048 // d_pad)
-    return min(block, max(16, triton.next_power_of_2(n_inner)))
 
 
 def _flags(s_in, s_c, d):
@@ -538,159 +455,150 @@ def _flags(s_in, s_c, d):
     return in_one, in_const, c_one
 
 
+class Geometry:
+    """One launch: unit dims collapsed to one blocked inner dim plus up to MAX_OUTER outer dims.
+    Per operand: strides (s_in, s_o0, s_o1, s_o2), channel stride, flags (IN_ONE, IN_CONST, C_ONE)."""
+
+    def __init__(self, sizes, operands, numel, d, block_elems):
+        usz, st = _collapse(sizes, [op[1] for op in operands])
+        self.ok = len(usz) - 1 <= MAX_OUTER
+        if not self.ok:
+            return
+        self.n_outer = len(usz) - 1
+        padded = [_pad_outer(usz, s) for s in st]
+        self.n_inner, (self.n_o1, self.n_o2), _ = padded[0]
+        self.strides = [p[2] for p in padded]
+        self.cstrides = [op[2] for op in operands]
+        self.flags = [_flags(p[2][0], op[2], op[3]) for p, op in zip(padded, operands)]
+        self.i64 = _FORCE_I64 or numel > INT32_MAX or any(
+            sum((s - 1) * abs(x) for s, x in zip(usz, s_)) + (op[3] - 1) * abs(op[2]) > INT32_MAX
+            for s_, op in zip(st, operands))
+        self.d_pad = triton.next_power_of_2(d)
+        block = max(16, block_elems // self.d_pad)
+        self.block = min(block, max(16, triton.next_power_of_2(self.n_inner)))
+        self.grid = (triton.cdiv(self.n_inner, self.block) * (math.prod(usz[:-1]) if self.n_outer else 1),)
+
+    def operand(self, i, channel=True):
+        """Kernel arguments of operand i: its four unit strides (and its channel stride)."""
+        return (*self.strides[i], self.cstrides[i]) if channel else tuple(self.strides[i])
+
+    def common(self):
+        return dict(N_OUTER=self.n_outer, I64=self.i64, D_PAD=self.d_pad, BLOCK=self.block)
+
+
+def plan(make, d, block_elems=2048):
+    """Geometry of the operands that make(copy) describes ((sizes, operands, numel, tensors));
+    layouts with more than MAX_OUTER + 1 non-collapsible unit dims are retried as contiguous
+    copies (rare, documented)."""
+    for copy in (False, True):
+        sizes, operands, numel, tensors = make(copy)
+        geo = Geometry(sizes, operands, numel, d, block_elems)
+        if geo.ok:
+            return geo, tensors
+    raise AssertionError("a contiguous layout always collapses")
+
+
 # --------------------------------------------------------------------------------------------
-# Launchers
+# Launchers. `cst`: the constexpr payload of the level set (fsq_kernels/ops/triton.py).
 # --------------------------------------------------------------------------------------------
 
 
-def fsq_forward(z: torch.Tensor, levels, variant: str, hard_clamp: bool, channel_first: bool,
+def fsq_forward(z: torch.Tensor, cst: dict, variant: int, hard_clamp: bool, channel_first: bool,
                 num_codebooks: int, return_indices: bool, wrap=_identity):
     """codes (z.dtype, z's shape and memory format) and indices (or None)."""
-    levels = tuple(int(x) for x in levels)
-    cst = level_constants(levels, variant, hard_clamp)
+    levels = cst["LEVELS"]
     d, ncb = len(levels), int(num_codebooks)
-    idt = torch.int64 if cst["INDEX_64"] else torch.int32
-    tok_shape = (z.shape[0],) + tuple(z.shape[2:]) if channel_first else tuple(z.shape[:-1])
-    idx_shape = tok_shape + ((ncb,) if ncb > 1 else ())
+    idx_shape = shapes.index_shape(z.shape, channel_first, ncb) if return_indices else (0,)
+    idx = torch.empty(idx_shape, dtype=shapes.index_dtype(levels), device=z.device)
     codes = torch.empty_like(z)
-    idx = torch.empty(idx_shape if return_indices else (0,), dtype=idt, device=z.device)
     if z.numel() == 0:
         return codes, (idx if return_indices else None)
+    dense_idx = idx if return_indices else torch.empty(
+        shapes.index_shape(z.shape, channel_first, ncb), device="meta")  # strides only
 
-    zz = z
-    for _attempt in range(2):
-        sizes, zst, zsc = _z_units(zz.shape, zz.stride(), channel_first, ncb, d)
-        _, cst_u, csc = _z_units(codes.shape, codes.stride(), channel_first, ncb, d)
-        ist = _idx_units(tok_shape, _contig_strides(tok_shape + (ncb,)), channel_first, ncb)
-        usz, (zst, cst_u, ist) = _collapse(sizes, [zst, cst_u, ist])
-        if len(usz) - 1 <= MAX_OUTER:
-            break
-        zz = z.contiguous()  # > 4 non-collapsible unit dims: rare, documented fallback
-        codes = torch.empty_like(zz)
-    n_outer = len(usz) - 1
-    n_inner, (n_o1, n_o2), zs = _pad_outer(usz, zst)
-    _, _, cs = _pad_outer(usz, cst_u)
-    _, _, is_ = _pad_outer(usz, ist)
-    i64 = max(_span(usz, zst) + (d - 1) * abs(zsc), _span(usz, cst_u) + (d - 1) * abs(csc),
-              zz.numel()) > INT32_MAX or _FORCE_I64
-    z_in_one, z_in_const, z_c_one = _flags(zs[0], zsc, d)
-    c_in_one, c_in_const, c_c_one = _flags(cs[0], csc, d)
-    d_pad = triton.next_power_of_2(d)
-    block = _block_for(d_pad, n_inner)
-    n_units_outer = math.prod(usz[:-1]) if n_outer else 1
-    grid = (triton.cdiv(n_inner, block) * n_units_outer,)
-    wrap(_fsq_fwd_kernel)[grid](
+    def make(copy):
+        zz = z.contiguous() if copy else z
+        cc = torch.empty_like(zz) if copy else codes
+        zu, cu, iu = z_units(zz, channel_first, ncb, d), z_units(cc, channel_first, ncb, d), \
+            index_units(dense_idx, channel_first, ncb)
+        return zu[0], [zu, cu, iu], zz.numel(), (zz, cc)
+
+    geo, (zz, codes) = plan(make, d)
+    wrap(_fsq_fwd_kernel)[geo.grid](
         zz, codes, idx,
-        n_inner, n_o1, n_o2,
-        *zs, zsc,
-        *cs, csc,
-        *is_,
-        LEVELS=cst["LEVELS"], HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"],
+        geo.n_inner, geo.n_o1, geo.n_o2,
+        *geo.operand(0), *geo.operand(1), *geo.operand(2, channel=False),
+        LEVELS=levels, HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"],
         BASIS=cst["BASIS"], BOUNDS=cst["BOUNDS"], MAX_B=cst["MAX_B"],
-        VARIANT=VARIANTS[variant], HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
+        VARIANT=variant, HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
         WRITE_INDEX=bool(return_indices), INDEX_64=cst["INDEX_64"],
-        Z_IN_ONE=z_in_one, Z_IN_CONST=z_in_const, Z_C_ONE=z_c_one,
-        C_IN_ONE=c_in_one, C_IN_CONST=c_in_const, C_C_ONE=c_c_one,
-        I_IN_ONE=is_[0] == 1,
-        N_OUTER=n_outer, I64=i64, D=d, D_PAD=d_pad, BLOCK=block,
-        num_warps=4,
+        Z_IN_ONE=geo.flags[0][0], Z_IN_CONST=geo.flags[0][1], Z_C_ONE=geo.flags[0][2],
+        C_IN_ONE=geo.flags[1][0], C_IN_CONST=geo.flags[1][1], C_C_ONE=geo.flags[1][2],
+        I_IN_ONE=geo.flags[2][0],
+        D=d, **geo.common(), num_warps=4,
     )
     return codes, (idx if return_indices else None)
 
 
-def fsq_backward(z: torch.Tensor, grad_codes: torch.Tensor, levels, variant: str,
+def fsq_backward(grad_codes: torch.Tensor, z: torch.Tensor, cst: dict, variant: int,
                  hard_clamp: bool, channel_first: bool, num_codebooks: int, wrap=_identity):
-    """grad_z (z.dtype, z's shape and memory format) from z and grad_codes in one pass."""
-    levels = tuple(int(x) for x in levels)
-    cst = level_constants(levels, variant, hard_clamp)
-    d, ncb = len(levels), int(num_codebooks)
+    """grad_z (z.dtype, z's shape and memory format) from grad_codes and z in one pass."""
+    d, ncb = len(cst["LEVELS"]), int(num_codebooks)
     grad_z = torch.empty_like(z)
     if z.numel() == 0:
         return grad_z
-    if grad_codes.dtype != z.dtype:
-        grad_codes = grad_codes.to(z.dtype)
-    zz, gg = z, grad_codes
-    for _attempt in range(2):
-        sizes, zst, zsc = _z_units(zz.shape, zz.stride(), channel_first, ncb, d)
-        _, gst, gsc = _z_units(gg.shape, gg.stride(), channel_first, ncb, d)
-        _, ost, osc = _z_units(grad_z.shape, grad_z.stride(), channel_first, ncb, d)
-        usz, (zst, gst, ost) = _collapse(sizes, [zst, gst, ost])
-        if len(usz) - 1 <= MAX_OUTER:
-            break
-        zz, gg = z.contiguous(), grad_codes.contiguous()
-        grad_z = torch.empty_like(zz)
-    n_outer = len(usz) - 1
-    n_inner, (n_o1, n_o2), zs = _pad_outer(usz, zst)
-    _, _, gs = _pad_outer(usz, gst)
-    _, _, os_ = _pad_outer(usz, ost)
-    i64 = max(_span(usz, zst) + (d - 1) * abs(zsc), _span(usz, gst) + (d - 1) * abs(gsc),
-              _span(usz, ost) + (d - 1) * abs(osc), zz.numel()) > INT32_MAX or _FORCE_I64
-    zf = _flags(zs[0], zsc, d)
-    gf = _flags(gs[0], gsc, d)
-    of = _flags(os_[0], osc, d)
-    d_pad = triton.next_power_of_2(d)
-    block = _block_for(d_pad, n_inner)
-    n_units_outer = math.prod(usz[:-1]) if n_outer else 1
-    grid = (triton.cdiv(n_inner, block) * n_units_outer,)
-    wrap(_fsq_bwd_kernel)[grid](
+    grad_codes = grad_codes.to(z.dtype)
+
+    def make(copy):
+        zz, gg = (z.contiguous(), grad_codes.contiguous()) if copy else (z, grad_codes)
+        oo = torch.empty_like(zz) if copy else grad_z
+        ops = [z_units(t, channel_first, ncb, d) for t in (zz, gg, oo)]
+        return ops[0][0], ops, zz.numel(), (zz, gg, oo)
+
+    geo, (zz, gg, grad_z) = plan(make, d)
+    zf, gf, of = geo.flags
+    wrap(_fsq_bwd_kernel)[geo.grid](
         zz, gg, grad_z,
-        n_inner, n_o1, n_o2,
-        *zs, zsc, *gs, gsc, *os_, osc,
+        geo.n_inner, geo.n_o1, geo.n_o2,
+        *geo.operand(0), *geo.operand(1), *geo.operand(2),
         SHIFT=cst["SHIFT"], GRAD_SCALE=cst["GRAD_SCALE"],
-        VARIANT=VARIANTS[variant], HARD_CLAMP=bool(hard_clamp),
+        VARIANT=variant, HARD_CLAMP=bool(hard_clamp),
         Z_IN_ONE=zf[0], Z_IN_CONST=zf[1], Z_C_ONE=zf[2],
         G_IN_ONE=gf[0], G_IN_CONST=gf[1], G_C_ONE=gf[2],
         O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
-        N_OUTER=n_outer, I64=i64, D=d, D_PAD=d_pad, BLOCK=block,
-        num_warps=4,
+        D=d, **geo.common(), num_warps=4,
     )
     return grad_z
 
 
-def fsq_decode(indices: torch.Tensor, levels, variant: str, channel_first: bool,
+def fsq_decode(indices: torch.Tensor, cst: dict, variant: int, channel_first: bool,
                num_codebooks: int, dtype=None, wrap=_identity):
     """codes from indices: channel-last (..., C) or channel-first (B, C, ...), contiguous."""
-    levels = tuple(int(x) for x in levels)
-    cst = level_constants(levels, variant, False)
+    levels = cst["LEVELS"]
     d, ncb = len(levels), int(num_codebooks)
     dtype = torch.float32 if dtype is None else dtype
     if indices.dtype not in (torch.int32, torch.int64):
         indices = indices.to(torch.int64)
-    idx = indices if ncb > 1 else indices.unsqueeze(-1)
-    tok_shape = tuple(idx.shape[:-1])
-    if channel_first:
-        out_shape = (tok_shape[0], ncb * d) + tok_shape[1:]
-    else:
-        out_shape = tok_shape + (ncb * d,)
-    out = torch.empty(out_shape, dtype=dtype, device=indices.device)
+    out = torch.empty(shapes.decode_shape(indices.shape, levels, channel_first, ncb), dtype=dtype,
+                      device=indices.device)
     if out.numel() == 0:
         return out
-    ii = idx
-    for _attempt in range(2):
-        ist = _idx_units(tok_shape, list(ii.stride()), channel_first, ncb)
-        sizes, ost, osc = _z_units(out.shape, out.stride(), channel_first, ncb, d)
-        usz, (ist_c, ost_c) = _collapse(sizes, [ist, ost])
-        if len(usz) - 1 <= MAX_OUTER:
-            break
-        ii = idx.contiguous()
-    n_outer = len(usz) - 1
-    n_inner, (n_o1, n_o2), is_ = _pad_outer(usz, ist_c)
-    _, _, os_ = _pad_outer(usz, ost_c)
-    i64 = max(_span(usz, ist_c), _span(usz, ost_c) + (d - 1) * abs(osc), out.numel()) > INT32_MAX or _FORCE_I64
-    of = _flags(os_[0], osc, d)
-    d_pad = triton.next_power_of_2(d)
-    block = _block_for(d_pad, n_inner)
-    n_units_outer = math.prod(usz[:-1]) if n_outer else 1
-    grid = (triton.cdiv(n_inner, block) * n_units_outer,)
-    wrap(_fsq_decode_kernel)[grid](
+
+    def make(copy):
+        ii = indices.contiguous() if copy else indices
+        ou = z_units(out, channel_first, ncb, d)
+        return ou[0], [index_units(ii, channel_first, ncb), ou], out.numel(), (ii,)
+
+    geo, (ii,) = plan(make, d)
+    of = geo.flags[1]
+    wrap(_fsq_decode_kernel)[geo.grid](
         ii, out,
-        n_inner, n_o1, n_o2,
-        *is_, *os_, osc,
-        LEVELS=cst["LEVELS"], BASIS=cst["BASIS"], NUM_CODES=cst["NUM_CODES"],
-        VARIANT=VARIANTS[variant], DIV_64=cst["INDEX_64"],
-        I_IN_ONE=is_[0] == 1,
+        geo.n_inner, geo.n_o1, geo.n_o2,
+        *geo.operand(0, channel=False), *geo.operand(1),
+        LEVELS=levels, BASIS=cst["BASIS"], NUM_CODES=cst["NUM_CODES"],
+        VARIANT=variant, DIV_64=cst["INDEX_64"],
+        I_IN_ONE=geo.flags[0][0],
         O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
-        N_OUTER=n_outer, I64=i64, D=d, D_PAD=d_pad, BLOCK=block,
-        num_warps=4,
+        D=d, **geo.common(), num_warps=4,
     )
     return out

@@ -13,10 +13,10 @@ d y_s / d x = softclamp'(x) / scale_s; the residual path is the identity because
 stage output is detached in the reference.
 
 Everything layout- and level-related is shared with ``fsq.py`` (kept in one place, not copied):
-the unit model (``_unit_offsets``, ``_z_units``, ``_collapse``, ``_pad_outer``, ``_flags``), the
-level constants and float32-directed boundaries (``level_constants`` of the ``symmetric``
-variant), the level-index computation (``_level_index``), tanh from exp2 and the bf16 output
-rounding.  Here a unit is one token (num_codebooks = 1); the index tensor is described to the
+the unit model and launch geometry (``_unit_offsets``, ``plan``), the level-index computation
+(``_level_index``), tanh from exp2 and the bf16 output rounding. The constexprs (the symmetric
+level constants and boundaries, the stage scales, the soft-clamp values) come from the op's
+table (fsq_kernels/ops/tables.py) through the op layer.  Here a unit is one token (num_codebooks = 1); the index tensor is described to the
 unit model as a tensor whose "channels" are the stages, so channel-last indices ``(..., q)``
 and channel-first indices ``(B, q, ...)`` are just two stage strides.
 
@@ -31,68 +31,34 @@ reproduces the reference's float32 residuals and sum bit for bit; only the soft 
 Compile-time constants: levels (and their boundaries), num_stages, the stage scales (float32
 L^-s values of ``reference.residual_scales``), the soft-clamp values, hard_clamp, dtype and
 layout flags - all fixed for a given model.  ``active_stages`` (quantize dropout changes it every
-step) is a runtime argument excluded from Triton's integer specialisation, so dropout never
-recompiles.
+step) is a 0-d integer tensor the kernel loads (clamped to [0, num_stages]): no host sync, and a
+new value never recompiles.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import shapes
 from .fsq import (
-    INT32_MAX,
-    MAX_OUTER,
     _cast_out,
-    _collapse,
-    _f32_round,
-    _flags,
     _identity,
     _lane_f32,
     _lane_int,
     _level_index,
+    _load_f32,
     _one_minus_tanh_abs,
-    _pad_outer,
-    _span,
     _tanh,
     _unit_offsets,
-    _z_units,
-    level_constants,
+    index_units,
+    plan,
+    z_units,
 )
-from . import fsq as _fsq
 
 SYMMETRIC = tl.constexpr(2)  # fsq.SYMMETRIC as a jit-visible constant
 BLOCK_ELEMS = 1024  # rows x padded channels per program (smaller than FSQ's: more live values)
-
-# --------------------------------------------------------------------------------------------
-# Constants (host)
-# --------------------------------------------------------------------------------------------
-
-_CACHE: dict = {}
-
-
-def residual_constants(levels, num_stages: int, hard_clamp: bool, soft_clamp) -> dict:
-    """Constexpr payload: the symmetric level constants of ``fsq.level_constants`` plus SCALES
-    (num_stages rows of float32 L^-s values, ``reference.residual_scales``) and SOFT (float32
-    soft-clamp values, () without soft clamp)."""
-    levels = tuple(int(v) for v in levels)
-    soft = None if soft_clamp is None else tuple(float(c) for c in soft_clamp)
-    key = (levels, int(num_stages), bool(hard_clamp), soft)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        return hit
-    out = dict(level_constants(levels, "symmetric", bool(hard_clamp)))
-    out["SCALES"] = tuple(tuple(_f32_round(float(v), "nearest") for v in row)
-                          for row in reference.residual_scales(levels, int(num_stages)))
-    # the reference turns the soft-clamp values into a float32 tensor: round to nearest
-    out["SOFT"] = () if soft is None else tuple(_f32_round(c, "nearest") for c in soft)
-    _CACHE[key] = out
-    return out
-
 
 # --------------------------------------------------------------------------------------------
 # Device helpers (shared by forward and backward, so both compute the same stages)
@@ -145,10 +111,20 @@ def _stage(residual, scale, lane, lane_ok, L_i,
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["active_stages"])
+@triton.jit
+def _active_stages(active_ptr, HAS_ACTIVE: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The number of active stages: loaded from the 0-d tensor, clamped to [0, NUM_STAGES]."""
+    if HAS_ACTIVE:
+        a = tl.load(active_ptr).to(tl.int32)
+        return tl.minimum(tl.maximum(a, 0), NUM_STAGES)
+    else:
+        return NUM_STAGES
+
+
+@triton.jit
 def _residual_fwd_kernel(
     x_ptr, out_ptr, idx_ptr,
-    active_stages,
+    active_ptr,
     n_inner, n_o1, n_o2,
     xs_in, xs_o0, xs_o1, xs_o2, xs_c,
     os_in, os_o0, os_o1, os_o2, os_c,
@@ -157,7 +133,7 @@ def _residual_fwd_kernel(
     BASIS: tl.constexpr, BOUNDS: tl.constexpr, MAX_B: tl.constexpr,
     HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr,
     SCALES: tl.constexpr, SOFT: tl.constexpr, USE_SOFT: tl.constexpr,
-    NUM_STAGES: tl.constexpr, S_PAD: tl.constexpr,
+    NUM_STAGES: tl.constexpr, S_PAD: tl.constexpr, HAS_ACTIVE: tl.constexpr,
     X_IN_ONE: tl.constexpr, X_IN_CONST: tl.constexpr, X_C_ONE: tl.constexpr,
     O_IN_ONE: tl.constexpr, O_IN_CONST: tl.constexpr, O_C_ONE: tl.constexpr,
     I_IN_ONE: tl.constexpr, I_IN_CONST: tl.constexpr, I_C_ONE: tl.constexpr,
@@ -165,6 +141,7 @@ def _residual_fwd_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    active_stages = _active_stages(active_ptr, HAS_ACTIVE, NUM_STAGES)
     lane = tl.arange(0, D_PAD)
     lane_ok = lane < D
     lane_off = lane.to(tl.int64) if I64 else lane
@@ -174,8 +151,7 @@ def _residual_fwd_kernel(
     x_unit, row_ok = _unit_offsets(pid, n_inner, n_o1, n_o2, xs_in, xs_o0, xs_o1, xs_o2,
                                    X_IN_ONE, X_IN_CONST, BLOCK, N_OUTER, I64)
     mask = row_ok[:, None] & lane_ok[None, :]
-    x = tl.load(x_ptr + _tile_offsets(x_unit, lane_off, xs_c, X_C_ONE), mask=mask,
-                other=0.0).to(tl.float32)  # the only read of x
+    x = _load_f32(x_ptr + _tile_offsets(x_unit, lane_off, xs_c, X_C_ONE), mask)  # the only read of x
 
     h, _ = _soft_clamp(x, lane, SOFT, USE_SOFT, D, D_PAD)
     is_nan = h != h
@@ -210,10 +186,10 @@ def _residual_fwd_kernel(
     tl.store(idx_ptr + _tile_offsets(i_unit, stage_off, is_c, I_C_ONE), indices, mask=i_mask)
 
 
-@triton.jit(do_not_specialize=["active_stages"])
+@triton.jit
 def _residual_bwd_kernel(
     x_ptr, g_ptr, gx_ptr,
-    active_stages,
+    active_ptr,
     n_inner, n_o1, n_o2,
     xs_in, xs_o0, xs_o1, xs_o2, xs_c,
     gs_in, gs_o0, gs_o1, gs_o2, gs_c,
@@ -222,7 +198,7 @@ def _residual_bwd_kernel(
     BOUNDS: tl.constexpr, MAX_B: tl.constexpr,
     HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr,
     SCALES: tl.constexpr, SOFT: tl.constexpr, USE_SOFT: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, HAS_ACTIVE: tl.constexpr,
     X_IN_ONE: tl.constexpr, X_IN_CONST: tl.constexpr, X_C_ONE: tl.constexpr,
     G_IN_ONE: tl.constexpr, G_IN_CONST: tl.constexpr, G_C_ONE: tl.constexpr,
     O_IN_ONE: tl.constexpr, O_IN_CONST: tl.constexpr, O_C_ONE: tl.constexpr,
@@ -230,6 +206,7 @@ def _residual_bwd_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    active_stages = _active_stages(active_ptr, HAS_ACTIVE, NUM_STAGES)
     lane = tl.arange(0, D_PAD)
     lane_ok = lane < D
     lane_off = lane.to(tl.int64) if I64 else lane
@@ -239,10 +216,8 @@ def _residual_bwd_kernel(
     g_unit, _ = _unit_offsets(pid, n_inner, n_o1, n_o2, gs_in, gs_o0, gs_o1, gs_o2,
                               G_IN_ONE, G_IN_CONST, BLOCK, N_OUTER, I64)
     mask = row_ok[:, None] & lane_ok[None, :]
-    x = tl.load(x_ptr + _tile_offsets(x_unit, lane_off, xs_c, X_C_ONE), mask=mask,
-                other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + _tile_offsets(g_unit, lane_off, gs_c, G_C_ONE), mask=mask,
-                other=0.0).to(tl.float32)
+    x = _load_f32(x_ptr + _tile_offsets(x_unit, lane_off, xs_c, X_C_ONE), mask)
+    g = _load_f32(g_ptr + _tile_offsets(g_unit, lane_off, gs_c, G_C_ONE), mask)
 
     h, dh = _soft_clamp(x, lane, SOFT, USE_SOFT, D, D_PAD)
     L_i = _lane_int(LEVELS, lane, D, D_PAD, tl.int32)
@@ -270,122 +245,79 @@ def _residual_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers (host only: shapes and strides, never tensor values -> no device sync)
+# Launchers (host only: shapes and strides, never tensor values -> no device sync).
+# `cst`: the constexpr payload (symmetric level set, SCALES, SOFT) of fsq_kernels/ops/triton.py.
 # --------------------------------------------------------------------------------------------
 
 
-def _block_for(d_pad: int, n_inner: int) -> int:
-    block = max(16, BLOCK_ELEMS // d_pad)
-    return min(block, max(16, triton.next_power_of_2(n_inner)))
+def _constexprs(cst: dict, hard_clamp: bool, active_stages) -> dict:
+    return dict(
+        LEVELS=cst["LEVELS"], HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"],
+        BOUNDS=cst["BOUNDS"], MAX_B=cst["MAX_B"], HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
+        SCALES=cst["SCALES"], SOFT=cst["SOFT"], USE_SOFT=len(cst["SOFT"]) > 0,
+        NUM_STAGES=len(cst["SCALES"]), HAS_ACTIVE=active_stages is not None,
+    )
 
 
-def _geometry(x, others, channel_first: bool, d: int):
-    """Unit geometry of x and the tensors in `others` ((tensor, channels) pairs, all with x's
-    tokens): collapsed unit sizes and, per tensor, (padded unit strides, channel stride).
-    None when more than MAX_OUTER + 1 unit dims remain (the caller copies and retries)."""
-    sizes, xst, xsc = _z_units(x.shape, x.stride(), channel_first, 1, d)
-    st, sc = [xst], [xsc]
-    for t, ch in others:
-        _, tst, tsc = _z_units(t.shape, t.stride(), channel_first, 1, ch)
-        st.append(tst)
-        sc.append(tsc)
-    usz, st = _collapse(sizes, st)
-    if len(usz) - 1 > MAX_OUTER:
-        return None
-    padded = [_pad_outer(usz, s) for s in st]
-    n_inner, n_outer_sizes, _ = padded[0]
-    chans = [d] + [ch for _, ch in others]
-    i64 = _fsq._FORCE_I64 or x.numel() > INT32_MAX or any(
-        _span(usz, s) + (ch - 1) * abs(c) > INT32_MAX for s, c, ch in zip(st, sc, chans))
-    n_outer = len(usz) - 1
-    n_programs_outer = math.prod(usz[:-1]) if n_outer else 1
-    return usz, n_inner, n_outer_sizes, [p[2] for p in padded], sc, n_outer, i64, n_programs_outer
-
-
-def _tok_shape(x, channel_first):
-    return (x.shape[0],) + tuple(x.shape[2:]) if channel_first else tuple(x.shape[:-1])
-
-
-def residual_forward(x: torch.Tensor, levels, num_stages: int, hard_clamp: bool, soft_clamp,
-                     channel_first: bool, active_stages: int, wrap=_identity):
+def residual_forward(x: torch.Tensor, cst: dict, hard_clamp: bool, channel_first: bool,
+                     active_stages, wrap=_identity):
     """(out in x.dtype with x's shape, indices (..., q) or (B, q, ...)), one launch."""
-    levels = tuple(int(v) for v in levels)
-    q, d = int(num_stages), len(levels)
-    cst = residual_constants(levels, q, hard_clamp, soft_clamp)
-    idt = torch.int64 if cst["INDEX_64"] else torch.int32
-    tok = _tok_shape(x, channel_first)
-    idx_shape = (tok[0], q) + tok[1:] if channel_first else tok + (q,)
+    levels = cst["LEVELS"]
+    q, d = len(cst["SCALES"]), len(levels)
     out = torch.empty_like(x)
-    idx = torch.empty(idx_shape, dtype=idt, device=x.device)
+    idx = torch.empty(shapes.residual_index_shape(x.shape, channel_first, q),
+                      dtype=shapes.index_dtype(levels), device=x.device)
     if x.numel() == 0:
         return out, idx
-    xx = x
-    geo = _geometry(xx, [(out, d), (idx, q)], channel_first, d)
-    if geo is None:  # > 4 non-collapsible unit dims: rare, documented fallback (as in fsq.py)
-        xx = x.contiguous()
-        out = torch.empty_like(xx)
-        geo = _geometry(xx, [(out, d), (idx, q)], channel_first, d)
-    usz, n_inner, (n_o1, n_o2), (xs, os_, is_), (xsc, osc, isc), n_outer, i64, n_prog = geo
-    xf, of, idf = _flags(xs[0], xsc, d), _flags(os_[0], osc, d), _flags(is_[0], isc, q)
-    d_pad = triton.next_power_of_2(d)
-    block = _block_for(d_pad, n_inner)
-    grid = (triton.cdiv(n_inner, block) * n_prog,)
-    wrap(_residual_fwd_kernel)[grid](
+
+    def make(copy):
+        xx = x.contiguous() if copy else x
+        oo = torch.empty_like(xx) if copy else out
+        xu = z_units(xx, channel_first, 1, d)
+        iu = index_units(idx, channel_first, 1, q, 1 if channel_first else idx.dim() - 1)
+        return xu[0], [xu, z_units(oo, channel_first, 1, d), iu], xx.numel(), (xx, oo)
+
+    geo, (xx, out) = plan(make, d, BLOCK_ELEMS)
+    xf, of, idf = geo.flags
+    wrap(_residual_fwd_kernel)[geo.grid](
         xx, out, idx,
-        int(active_stages),
-        n_inner, n_o1, n_o2,
-        *xs, xsc, *os_, osc, *is_, isc,
-        LEVELS=cst["LEVELS"], HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"],
-        BASIS=cst["BASIS"], BOUNDS=cst["BOUNDS"], MAX_B=cst["MAX_B"],
-        HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
-        SCALES=cst["SCALES"], SOFT=cst["SOFT"], USE_SOFT=len(cst["SOFT"]) > 0,
-        NUM_STAGES=q, S_PAD=triton.next_power_of_2(q),
+        xx if active_stages is None else active_stages,
+        geo.n_inner, geo.n_o1, geo.n_o2,
+        *geo.operand(0), *geo.operand(1), *geo.operand(2),
+        BASIS=cst["BASIS"], S_PAD=triton.next_power_of_2(q),
         X_IN_ONE=xf[0], X_IN_CONST=xf[1], X_C_ONE=xf[2],
         O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
         I_IN_ONE=idf[0], I_IN_CONST=idf[1], I_C_ONE=idf[2],
-        N_OUTER=n_outer, I64=i64, D=d, D_PAD=d_pad, BLOCK=block,
-        num_warps=4,
+        D=d, **_constexprs(cst, hard_clamp, active_stages), **geo.common(), num_warps=4,
     )
     return out, idx
 
 
-def residual_backward(x: torch.Tensor, grad_out: torch.Tensor, levels, num_stages: int,
-                      hard_clamp: bool, soft_clamp, channel_first: bool, active_stages: int,
-                      wrap=_identity):
-    """grad_x (x.dtype, x's shape) from x and grad_out in one pass (stages recomputed from x)."""
-    levels = tuple(int(v) for v in levels)
-    q, d = int(num_stages), len(levels)
-    cst = residual_constants(levels, q, hard_clamp, soft_clamp)
+def residual_backward(grad_out: torch.Tensor, x: torch.Tensor, cst: dict, hard_clamp: bool,
+                      channel_first: bool, active_stages, wrap=_identity):
+    """grad_x (x.dtype, x's shape) from grad_out and x in one pass (stages recomputed from x)."""
+    d = len(cst["LEVELS"])
     grad_x = torch.empty_like(x)
     if x.numel() == 0:
         return grad_x
-    if grad_out.dtype != x.dtype:
-        grad_out = grad_out.to(x.dtype)
-    xx, gg = x, grad_out
-    geo = _geometry(xx, [(gg, d), (grad_x, d)], channel_first, d)
-    if geo is None:
-        xx, gg = x.contiguous(), grad_out.contiguous()
-        grad_x = torch.empty_like(xx)
-        geo = _geometry(xx, [(gg, d), (grad_x, d)], channel_first, d)
-    usz, n_inner, (n_o1, n_o2), (xs, gs, os_), (xsc, gsc, osc), n_outer, i64, n_prog = geo
-    xf, gf, of = _flags(xs[0], xsc, d), _flags(gs[0], gsc, d), _flags(os_[0], osc, d)
-    d_pad = triton.next_power_of_2(d)
-    block = _block_for(d_pad, n_inner)
-    grid = (triton.cdiv(n_inner, block) * n_prog,)
-    wrap(_residual_bwd_kernel)[grid](
+    grad_out = grad_out.to(x.dtype)
+
+    def make(copy):
+        xx, gg = (x.contiguous(), grad_out.contiguous()) if copy else (x, grad_out)
+        oo = torch.empty_like(xx) if copy else grad_x
+        ops = [z_units(t, channel_first, 1, d) for t in (xx, gg, oo)]
+        return ops[0][0], ops, xx.numel(), (xx, gg, oo)
+
+    geo, (xx, gg, grad_x) = plan(make, d, BLOCK_ELEMS)
+    xf, gf, of = geo.flags
+    wrap(_residual_bwd_kernel)[geo.grid](
         xx, gg, grad_x,
-        int(active_stages),
-        n_inner, n_o1, n_o2,
-        *xs, xsc, *gs, gsc, *os_, osc,
-        LEVELS=cst["LEVELS"], HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"],
-        BOUNDS=cst["BOUNDS"], MAX_B=cst["MAX_B"],
-        HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
-        SCALES=cst["SCALES"], SOFT=cst["SOFT"], USE_SOFT=len(cst["SOFT"]) > 0,
-        NUM_STAGES=q,
+        xx if active_stages is None else active_stages,
+        geo.n_inner, geo.n_o1, geo.n_o2,
+        *geo.operand(0), *geo.operand(1), *geo.operand(2),
         X_IN_ONE=xf[0], X_IN_CONST=xf[1], X_C_ONE=xf[2],
         G_IN_ONE=gf[0], G_IN_CONST=gf[1], G_C_ONE=gf[2],
         O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
-        N_OUTER=n_outer, I64=i64, D=d, D_PAD=d_pad, BLOCK=block,
-        num_warps=4,
+        D=d, **_constexprs(cst, hard_clamp, active_stages), **geo.common(), num_warps=4,
     )
     return grad_x
