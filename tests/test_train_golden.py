@@ -15,7 +15,7 @@ def test_tiny_run_matches_pre_restructure_golden(tmp_path):
         golden = json.load(f)
     if golden["machine"] != machine():
         pytest.skip(f"golden taken on {golden['machine']}; this machine is {machine()} (CPU rounding may differ)")
-    now = run(workdir=str(tmp_path))
+    now = run(workdir=str(tmp_path), pinned=True)  # cpu, cpp kernels: what 'auto' chose before
     for stage in ("tokenizer", "maskgit"):
         want, got = golden[stage], now[stage]
         assert sorted(got) == sorted(want), f"{stage}: checkpoint entries differ: {sorted(set(got) ^ set(want))[:8]}"
