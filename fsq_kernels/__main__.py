@@ -64,7 +64,7 @@ def _device_missing(device: str) -> str | None:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "info"
-    progress = None if getattr(args, "json", False) else (lambda what: print(f"  {what} ...", file=sys.stderr, flush=True))
+    progress = lambda line: print(f"  {line}", file=sys.stderr, flush=True)  # noqa: E731  (partial results survive a timeout)
     if command == "info":
         from .envinfo import collect, format_info
 

@@ -132,9 +132,6 @@ def run_bench(device: str = "cpu", tokens: int | None = None, quick: bool = Fals
         dst = torch.empty_like(z)
         copy_ms = timer(lambda: dst.copy_(z))
         copy_gbps = 2 * _nbytes(z) / copy_ms / 1e6
-        label = f"{op} {list(levels)} {str(dtype)[6:]} {'channel-first' if cf else 'channel-last'} {z.numel() // len(levels)} tokens"
-        if progress:
-            progress(label)
         timings = {}
         for backend in backends_on(device_type, _op_name(op)):
             if backends is not None and backend not in backends and backend != "reference":
@@ -150,7 +147,15 @@ def run_bench(device: str = "cpu", tokens: int | None = None, quick: bool = Fals
             rows.append(dict(op=op, levels=list(levels), dtype=str(dtype)[6:], layout="channel-first" if cf else "channel-last",
                              tokens=z.numel() // len(levels), backend=backend, ms=ms, gbps=nbytes / ms / 1e6,
                              copy_gbps=copy_gbps, x_floor=ms / floor_ms, vs_reference=ref_ms / ms, error=error))
+            if progress:
+                progress(_format_row(rows[-1]))
     return rows
+
+
+def _format_row(r: dict) -> str:
+    return (f"{r['op']:<18}{str(r['levels']):<20}{r['dtype']:<10}{r['layout']:<15}{r['tokens']:>10}  "
+            f"{r['backend']:<10}{r['ms']:>10.3f}{r['gbps']:>9.2f}{r['x_floor']:>9.2f}{r['vs_reference']:>7.1f}x"
+            + (f"  ERROR {r['error']}" if r["error"] else ""))
 
 
 def format_rows(rows: list[dict], device: str) -> str:
@@ -158,10 +163,7 @@ def format_rows(rows: list[dict], device: str) -> str:
               f"{'ms':>10}{'GB/s':>9}{'x floor':>9}{'vs ref':>8}")
     lines = [f"bench on {device} (floor: a copy of the input on the same device, measured in this run)",
              header, "-" * len(header)]
-    for r in rows:
-        lines.append(f"{r['op']:<18}{str(r['levels']):<20}{r['dtype']:<10}{r['layout']:<15}{r['tokens']:>10}  "
-                     f"{r['backend']:<10}{r['ms']:>10.3f}{r['gbps']:>9.2f}{r['x_floor']:>9.2f}{r['vs_reference']:>7.1f}x"
-                     + (f"  ERROR {r['error']}" if r["error"] else ""))
+    lines += [_format_row(r) for r in rows]
     lines.append(f"x floor: time / (bytes at copy bandwidth); vs ref: how many times faster than the reference. "
                  f"Full comparison with vector-quantize-pytorch: {FULL_REPORT}")
     return "\n".join(lines)

@@ -154,51 +154,65 @@ def _empty_case(backend, device):
     return body
 
 
+def _quantize_cases(backend, level_sets, quick, device, gen, tokens):
+    dtypes = DTYPES + ((torch.float64,) if backend in ("reference", "cpp") else ())
+    for levels, (variant, hard), dtype in itertools.product(level_sets, VARIANT_CLAMPS, dtypes):
+        for i, layout in enumerate(LAYOUTS):
+            for ncb in ((1 + i % 2,) if quick else (1, 2)):
+                grad = not quick or layout == "channel-last"
+                case = f"{list(levels)} {variant}{'+hard' if hard else ''} {_short(dtype)} {layout} x{ncb}"
+                yield ("quantize+grad" if grad else "quantize", case,
+                       _quantize_case(backend, levels, variant, hard, dtype, layout, ncb, device, gen, tokens, grad))
+    yield "empty", "(0, 4) and (2, 4, 0, 3)", _empty_case(backend, device)
+
+
+def _decode_cases(backend, quick, device, gen):
+    if quick:  # each index dtype once, with a codebook it can hold
+        pairs = [((8, 5, 5, 5), t) for t in INDEX_DTYPES[:3]] + [((2, 3, 4), t) for t in INDEX_DTYPES[3:]]
+        variants, dtypes = ("paper", "symmetric"), DTYPES[:2]
+    else:
+        pairs = [(levels, t) for levels in ((2, 3, 4), (8, 5, 5, 5), (8, 8, 8, 5, 5, 5)) for t in INDEX_DTYPES
+                 if t == torch.int16 or reference.codebook_size(levels) <= torch.iinfo(t).max + 1]
+        variants, dtypes = reference.VARIANTS, DTYPES
+    for (levels, index_dtype), variant, dtype, permuted, channel_first in itertools.product(
+            pairs, variants, dtypes, (False, True), (False, True)):
+        ncb = 2 if permuted and not channel_first else 1
+        case = (f"{list(levels)} {variant} {_short(index_dtype)}->{_short(dtype)} "
+                f"{'permuted' if permuted else 'contiguous'} {'channel-first' if channel_first else 'channel-last'} x{ncb}")
+        yield "decode", case, _decode_case(backend, levels, variant, index_dtype, dtype, permuted, channel_first, ncb,
+                                           device, gen)
+
+
+def _residual_cases(backend, quick, device, gen, tokens):
+    for stages, dtype, channel_first in itertools.product((8,) if quick else (4, 8), DTYPES[:2], (False, True)):
+        case = f"[8, 5, 5, 5] x{stages} stages {_short(dtype)} {'channel-first' if channel_first else 'channel-last'}"
+        yield "residual", case, _residual_case(backend, (8, 5, 5, 5), stages, dtype, channel_first, device, gen, tokens)
+
+
 def run_check(device: str = "cpu", quick: bool = False, seed: int = 0, backends: list[str] | None = None,
               progress: Callable[[str], None] | None = None) -> list[Outcome]:
     """Run every case on every available backend of `device` (or those of `backends` among
-    them); never raises for a mismatch."""
+    them); never raises for a mismatch. `progress` gets a line after each backend's group."""
     device_type = torch.device(device).type
-
-    def backends_on(device_type, op="quantize"):
-        return [name for name in _available_on(device_type, op) if backends is None or name in backends]
-
     gen = torch.Generator().manual_seed(seed)
     tokens = 97 if quick else 4099  # odd: vector tails
-    level_sets = QUICK_LEVELS if quick else FULL_LEVELS
     outcomes: list[Outcome] = []
-    for backend in backends_on(device_type):
-        if progress:
-            progress(backend)
-        dtypes = DTYPES + ((torch.float64,) if backend in ("reference", "cpp") else ())
-        for levels, (variant, hard), dtype in itertools.product(level_sets, VARIANT_CLAMPS, dtypes):
-            for i, layout in enumerate(LAYOUTS):
-                for ncb in ((1 + i % 2,) if quick else (1, 2)):
-                    grad = not quick or layout == "channel-last"
-                    case = f"{list(levels)} {variant}{'+hard' if hard else ''} {_short(dtype)} {layout} x{ncb}"
-                    body = _quantize_case(backend, levels, variant, hard, dtype, layout, ncb, device, gen, tokens, grad)
-                    _run(outcomes, backend, "quantize+grad" if grad else "quantize", case, body)
-        _run(outcomes, backend, "empty", "(0, 4) and (2, 4, 0, 3)", _empty_case(backend, device))
-    for backend in backends_on(device_type, "indices_to_codes"):
-        decode_levels = ((2, 3, 4), (8, 5, 5, 5)) if quick else ((2, 3, 4), (8, 5, 5, 5), (8, 8, 8, 5, 5, 5))
-        for levels, index_dtype in itertools.product(decode_levels, INDEX_DTYPES):
-            if reference.codebook_size(levels) > torch.iinfo(index_dtype).max + 1 and index_dtype != torch.int16:
-                continue  # int8/uint8 indices only for codebooks they can hold
-            for (variant, _), dtype, permuted, channel_first in itertools.product(
-                    VARIANT_CLAMPS[::2] if quick else VARIANT_CLAMPS[:1] + VARIANT_CLAMPS[1::2],
-                    DTYPES[:2] if quick else DTYPES, (False, True), (False, True)):
-                ncb = 2 if permuted and not channel_first else 1
-                case = (f"{list(levels)} {variant} {_short(index_dtype)}->{_short(dtype)} "
-                        f"{'permuted' if permuted else 'contiguous'} {'channel-first' if channel_first else 'channel-last'} x{ncb}")
-                _run(outcomes, backend, "decode", case,
-                     _decode_case(backend, levels, variant, index_dtype, dtype, permuted, channel_first, ncb, device, gen))
-    for backend in backends_on(device_type, "residual_quantize"):
-        for stages, dtype, channel_first in itertools.product((4, 8), DTYPES[:2], (False, True)):
-            if quick and stages == 4:
+    for op, make_cases in (
+        ("quantize", lambda b: _quantize_cases(b, QUICK_LEVELS if quick else FULL_LEVELS, quick, device, gen, tokens)),
+        ("indices_to_codes", lambda b: _decode_cases(b, quick, device, gen)),
+        ("residual_quantize", lambda b: _residual_cases(b, quick, device, gen, tokens)),
+    ):
+        for backend in _available_on(device_type, op):
+            if backends is not None and backend not in backends:
                 continue
-            case = f"[8, 5, 5, 5] x{stages} stages {_short(dtype)} {'channel-first' if channel_first else 'channel-last'}"
-            _run(outcomes, backend, "residual", case,
-                 _residual_case(backend, (8, 5, 5, 5), stages, dtype, channel_first, device, gen, tokens))
+            first = len(outcomes)
+            for group, case, body in make_cases(backend):
+                _run(outcomes, backend, group, case, body)
+            if progress:
+                new = outcomes[first:]
+                for group in dict.fromkeys(o.group for o in new):
+                    done = [o for o in new if o.group == group]
+                    progress(f"{backend:<10} {group:<14} {len(done):>4} cases, {sum(not o.ok for o in done)} failed")
     return outcomes
 
 
