@@ -17,7 +17,7 @@
 namespace fsq {
 
 // ---------------------------------------------------------------------------------------------
-// Validation (DESIGN "Errors": ValueError for values, TypeError for dtypes, naming the argument,
+// Validation (ValueError for values, TypeError for dtypes, naming the argument,
 // the expected and the actual value).
 // ---------------------------------------------------------------------------------------------
 

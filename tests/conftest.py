@@ -36,7 +36,7 @@ VARIANT_CLAMPS = [("paper", False), ("atanh", False), ("atanh", True), ("symmetr
 
 
 def expected_grad(z: torch.Tensor, levels, variant: str, hard_clamp: bool, channel_first: bool, num_codebooks: int):
-    """DESIGN.md "Gradient", written out in float64: dcode/dz per element, z's layout."""
+    """docs/design.md "Gradient", written out in float64: dcode/dz per element, z's layout."""
     d = len(levels)
     x = channel_last_tokens(z.detach().cpu().to(torch.float64), channel_first, num_codebooks, d)
     c = reference.channel_constants(levels, variant, hard_clamp)

@@ -1,4 +1,4 @@
-"""Correctness of the Triton backend against the float64 reference (DESIGN.md section 1).
+"""Correctness of the Triton backend against the float64 reference (docs/design.md).
 
 CPU (default): the kernels run in the Triton interpreter on CPU tensors; tests/conftest.py sets
 TRITON_INTERPRET=1 before anything imports triton.  The interpreter is slow, so tensors are
