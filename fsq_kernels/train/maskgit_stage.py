@@ -92,7 +92,7 @@ class MaskGITStage(Stage):
         self.train_labels = getattr(self.train_ds, "labels", None)
         n = min(VAL_SEQUENCES, len(val_ds))
         self.val_tok = tokenize_dataset(self.tok, val_ds, self.tcfg.channels_last, device, indices=range(n))
-        self.val_lab = val_ds.batch(torch.arange(n))[1]
+        self.val_lab = val_ds.labels[:n]  # without decoding the images
         self.meta = token_meta(self.tok, self.tcfg, self.train_ds.num_classes, self.train_ds.class_names)
 
     def make_model(self) -> MaskGIT:
