@@ -168,5 +168,11 @@ class TorchBuildExt(build_ext):
         cmd.run()
 
 
-ext_modules = [] if _truthy("FSQ_KERNELS_NO_EXTENSION") else [Extension("fsq_kernels._C", sources=list(SOURCES))]
-setup(ext_modules=ext_modules, cmdclass={"build_ext": TorchBuildExt})
+def extension():
+    """The extension as setup() gets it: configured only when built (TorchBuildExt.run)."""
+    return Extension("fsq_kernels._C", sources=list(SOURCES))
+
+
+if __name__ == "__main__":  # pip and `python setup.py` run it so; scripts/gpu_session_checks.py imports it
+    setup(ext_modules=[] if _truthy("FSQ_KERNELS_NO_EXTENSION") else [extension()],
+          cmdclass={"build_ext": TorchBuildExt})

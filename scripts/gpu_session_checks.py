@@ -9,6 +9,7 @@ all through the public API and judged by fsq_kernels.matching (the suite's rule)
 
     python scripts/gpu_session_checks.py large guard graph compile
     python scripts/gpu_session_checks.py --list
+    python scripts/gpu_session_checks.py build-jit   # fallback build of the extension (see build_jit)
 
 Each check prints PASS/FAIL/SKIP lines; the exit code is 1 if any failed.
 """
@@ -149,10 +150,46 @@ def check_compile(torch, fsq_kernels, matching) -> bool:
     return ok
 
 
+def build_jit() -> int:
+    """Fallback build of fsq_kernels._C when `setup.py build_ext` cannot run here (e.g. a
+    setuptools older than 77 rejects pyproject's license field): setup.py's own configuration,
+    compiled by torch.utils.cpp_extension.load and copied next to the package, with its build
+    record."""
+    import importlib.util
+    import os
+    import shutil
+    import sysconfig
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.chdir(root)
+    spec = importlib.util.spec_from_file_location("fsq_setup", os.path.join(root, "setup.py"))
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)  # defines, does not run setup()
+    ext = setup_py.extension()
+    _, info = setup_py._configure(ext)
+    from torch.utils.cpp_extension import load
+
+    macros = [f"-D{name}={value}" for name, value in ext.define_macros]
+    args = ext.extra_compile_args
+    build_dir = os.path.join(root, "build", "jit")
+    os.makedirs(build_dir, exist_ok=True)
+    module = load(name="_C", sources=[os.path.join(root, src) for src in ext.sources],
+                  extra_cflags=args["cxx"] + macros, extra_cuda_cflags=args.get("nvcc", []) + macros,
+                  extra_include_paths=ext.include_dirs, extra_ldflags=ext.extra_link_args,
+                  build_directory=build_dir, verbose=True)
+    target = os.path.join(root, "fsq_kernels", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    shutil.copyfile(module.__file__, target)
+    setup_py._write_build_info(os.path.join(root, "fsq_kernels", "_build_info.py"), info)
+    print(f"built {target} ({'with' if info['with_cuda'] else 'without'} CUDA, sass {info['sass']}, ptx {info['ptx']})")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if "--list" in argv or not argv:
-        print("\n".join(CHECKS))
+        print("\n".join(CHECKS + ("build-jit",)))
         return 0
+    if argv == ["build-jit"]:
+        return build_jit()
     unknown = [a for a in argv if a not in CHECKS]
     if unknown:
         print(f"unknown checks {unknown}; choose from {list(CHECKS)}", file=sys.stderr)

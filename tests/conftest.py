@@ -85,6 +85,15 @@ def backend_params(op: str = "quantize") -> list:
     return params
 
 
+def on_device(t: torch.Tensor, device) -> torch.Tensor:
+    """t's values on `device` with t's exact strides and storage offset: a non-dense or
+    overlapping view stays one there (`t.cuda()` would make it dense and contiguous)."""
+    t = t.detach()
+    n = t.untyped_storage().nbytes() // t.element_size()
+    flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
+    return flat.to(device, copy=True).as_strided(t.size(), t.stride(), t.storage_offset())
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` skip where no GPU is visible."""
     if HAS_GPU:

@@ -242,3 +242,15 @@ def test_gpu_session_dry_run_prints_a_plan_within_its_limits(tmp_path):
                  "guard graph", "compile", "FSQ_TEST_DEVICE=cuda", "-n "):
         assert step in plan, (step, plan)
     assert not out.exists()  # a dry run writes nothing
+
+
+def test_on_device_keeps_the_view_layout():
+    from .conftest import on_device
+
+    z = torch.randn(2, 5, 7, 4).permute(0, 3, 1, 2)[..., ::2]  # channel-first view of NHWC memory, sliced
+    copy = on_device(z, "cpu")
+    assert copy.stride() == z.stride() and copy.storage_offset() == z.storage_offset()
+    assert torch.equal(copy, z) and copy.data_ptr() != z.data_ptr()
+    if torch.cuda.is_available():
+        on_gpu = on_device(z, "cuda")
+        assert on_gpu.is_cuda and on_gpu.stride() == z.stride() and torch.equal(on_gpu.cpu(), z)
