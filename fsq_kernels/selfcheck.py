@@ -22,6 +22,7 @@ import fsq_kernels
 from . import reference
 from .envinfo import backends_on as _available_on
 from .matching import (
+    MismatchError,
     assert_decode_matches_reference,
     assert_grad_close,
     assert_matches_reference,
@@ -124,15 +125,19 @@ def _decode_case(backend, levels, variant, index_dtype, dtype, permuted, channel
     return body
 
 
-def _residual_case(backend, levels, num_stages, dtype, channel_first, device, gen, tokens):
+def _residual_case(backend, levels, num_stages, dtype, channel_first, device, gen, tokens, active=None):
     c = len(levels)
     shape = (2, c, 5, max(1, tokens // 10)) if channel_first else (tokens, c)
     x = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 1.5).to(dtype).to(device)
     soft = reference.residual_soft_clamp(levels)
 
     def body():
-        out, indices = fsq_kernels.residual_quantize(x, levels, num_stages, soft_clamp=soft,
-                                                     channel_first=channel_first, backend=backend)
+        out, indices = fsq_kernels.residual_quantize(x, levels, num_stages, soft_clamp=soft, channel_first=channel_first,
+                                                     active_stages=active, backend=backend)
+        stage_axis = 1 if channel_first else -1
+        dropped = indices.narrow(stage_axis, active, num_stages - active) if active is not None else indices[:0]
+        if not bool((dropped == -1).all()):
+            raise MismatchError(f"stages from active_stages={active} on must be -1")
         diffs = assert_residual_consistent(indices, x, levels, soft_clamp=soft, channel_first=channel_first)
         assert_residual_output(out, indices, x, levels, channel_first=channel_first)
         return diffs, 0.0
@@ -184,9 +189,12 @@ def _decode_cases(backend, quick, device, gen):
 
 
 def _residual_cases(backend, quick, device, gen, tokens):
-    for stages, dtype, channel_first in itertools.product((8,) if quick else (4, 8), DTYPES[:2], (False, True)):
-        case = f"[8, 5, 5, 5] x{stages} stages {_short(dtype)} {'channel-first' if channel_first else 'channel-last'}"
-        yield "residual", case, _residual_case(backend, (8, 5, 5, 5), stages, dtype, channel_first, device, gen, tokens)
+    stage_sets = ((8, None),) if quick else ((4, None), (8, None), (8, 5))  # (stages, active_stages)
+    for (stages, active), dtype, channel_first in itertools.product(stage_sets, DTYPES[:2], (False, True)):
+        case = (f"[8, 5, 5, 5] x{stages} stages{'' if active is None else f' ({active} active)'} {_short(dtype)} "
+                f"{'channel-first' if channel_first else 'channel-last'}")
+        yield "residual", case, _residual_case(backend, (8, 5, 5, 5), stages, dtype, channel_first, device, gen, tokens,
+                                               active)
 
 
 def run_check(device: str = "cpu", quick: bool = False, seed: int = 0, backends: list[str] | None = None,
