@@ -96,6 +96,7 @@ def evaluate_uvim(s1_dir: str, lm_dir: str, cfg, seed: int, device, grid_path: s
         "lm": {"code_accuracy": float(acc), "cross_entropy": float(ce), "perplexity": float(ce.exp()),
                "sampled_token_agreement": float((predicted == oracle).float().mean()),
                "temperature": cfg.temperature},
+        "vq_splits": int(getattr(model.quantizer, "num_splits", torch.zeros(())).item()),
         "num_test_images": len(test),
         "grid_rows": ["input", "target", "predicted (LM code)", "oracle code", "no code", "shuffled code"],
     }
