@@ -51,9 +51,9 @@ inline Setup make_setup(const char* op, c10::IntArrayRef levels, c10::string_vie
   const std::string v(variant.data(), variant.size());
   s.variant = parse_variant(v);
   TORCH_CHECK_VALUE(s.variant >= 0, op,
-                    ": variant must be one of 'paper', 'atanh', 'symmetric', got '", v, "'");
-  TORCH_CHECK_VALUE(!(hard_clamp && s.variant == kPaper), op,
-                    ": hard_clamp=True requires variant 'atanh' or 'symmetric', got variant 'paper'");
+                    ": variant must be one of 'paper', 'atanh', 'symmetric', 'ifsq', got '", v, "'");
+  TORCH_CHECK_VALUE(!(hard_clamp && (s.variant == kPaper || s.variant == kIfsq)), op,
+                    ": hard_clamp=True requires variant 'atanh' or 'symmetric', got variant '", v, "'");
   TORCH_CHECK_VALUE(num_codebooks >= 1, op, ": num_codebooks must be an int >= 1, got ",
                     num_codebooks);
   s.hard_clamp = hard_clamp;
@@ -74,12 +74,12 @@ inline Setup make_setup(const char* op, c10::IntArrayRef levels, c10::string_vie
 
 // ---------------------------------------------------------------------------------------------
 // The table argument (fsq_kernels/ops/tables.py is its only author): per channel kTableFields
-// values (k0, nb, shift, grad_coef, code_mul, code_sub, code_den, half_l, offset), then every
+// values (k0, nb, shift, grad_coef, code_mul, code_sub, code_den, half_l, offset, input_scale), then every
 // channel's nb finite comparison boundaries, then `extra` values (residual: the stage scales).
 // Parsing converts to the math type T; the float32 table holds float32 values, so this is exact.
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kTableFields = 9;
+constexpr int kTableFields = 10;
 
 template <typename T>
 struct Table {
@@ -121,6 +121,7 @@ inline Table<T> parse_table(const char* op, c10::ArrayRef<double> table, const S
     p.nb[i] = static_cast<int32_t>(nb);
     p.shift[i] = static_cast<T>(f[2]);
     p.coef[i] = static_cast<T>(f[3]);
+    p.in_scale[i] = static_cast<T>(f[9]);
     p.num_mul[i] = static_cast<T>(f[4]);
     p.num_sub[i] = static_cast<T>(f[5]);
     p.den[i] = static_cast<T>(f[6]);

@@ -216,6 +216,8 @@ void backward_kernel(const at::Tensor& gc, const at::Tensor& z, at::Tensor& gz, 
         const int64_t i = c % d;
         gather<scalar_t, T>(zt, zp + off[0] + c * g.cstride[0], n, g.inner_stride(0));
         gather<scalar_t, T>(gt, gp + off[1] + c * g.cstride[1], n, g.inner_stride(1));
+        if (p.in_scale[i] != T(1))  // ifsq: sech^2(0.8 z)
+          for (int64_t t = 0; t < n; ++t) zt[t] = ::fsq::mul_rn(zt[t], p.in_scale[i]);
         cores.bwd(zt, gt, n, p.shift[i], p.coef[i], hard, out);
         scatter<scalar_t, T>(op + off[2] + c * g.cstride[2], out, n, g.inner_stride(2));
       }
@@ -550,7 +552,7 @@ at::Tensor residual_quantize_backward_cpu(const at::Tensor& grad_out, const at::
 
 // What the kernels read from a table, back as float64 numbers (tests/test_tables.py compares it
 // with fsq_kernels.ops.tables): per channel k0, nb, shift, grad_coef, code_mul, code_sub,
-// code_den in the math type of `dtype`, then the boundaries, then the extra values.
+// code_den, input_scale in the math type of `dtype`, then the boundaries, then the extra values.
 at::Tensor parsed_table(c10::IntArrayRef levels, c10::string_view variant, bool hard_clamp,
                         int64_t num_stages, c10::ArrayRef<double> table, at::ScalarType dtype) {
   const char* op = "fsq.parsed_table";
@@ -562,7 +564,7 @@ at::Tensor parsed_table(c10::IntArrayRef levels, c10::string_view variant, bool 
     const ChannelParams<T>& p = t.p;
     for (int64_t i = 0; i < s.d; ++i) {
       for (double v : {double(p.k0[i]), double(p.nb[i]), double(p.shift[i]), double(p.coef[i]),
-                       double(p.num_mul[i]), double(p.num_sub[i]), double(p.den[i])})
+                       double(p.num_mul[i]), double(p.num_sub[i]), double(p.den[i]), double(p.in_scale[i])})
         out.push_back(v);
     }
     for (T v : t.bounds) out.push_back(static_cast<double>(v));

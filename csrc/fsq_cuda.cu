@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads)
                             a.g.cstride[1], d, a.vec, g);
 #pragma unroll
     for (int i = 0; i < kMaxChannels; ++i)
-      if (i < d) v[i] = g[i] * grad_factor<float>(v[i], a.p.shift[i], a.p.coef[i], hard);
+      if (i < d) v[i] = g[i] * grad_factor<float>(mul_rn(v[i], a.p.in_scale[i]), a.p.shift[i], a.p.coef[i], hard);
     store_channels<scalar_t>(grad_z + a.g.offset(2, tok) + j * d * a.g.cstride[2],
                              a.g.cstride[2], d, a.vec, v);
   }
@@ -671,3 +671,5 @@ TORCH_LIBRARY_IMPL(fsq, CUDA, m) {
 }
 
 }  // namespace fsq
+
+#include "fsq_dither_cuda.inc"  // the fused dither (issue 16)

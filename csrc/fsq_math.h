@@ -15,6 +15,7 @@
 // Backward (straight-through estimator across the round only):
 //     paper/atanh: dcode/dz = (half_l / hw) * sech^2(z + shift)
 //     symmetric:   dcode/dz = sech^2(z)
+//     ifsq:        dcode/dz = (0.8 half_l / hw) * sech^2(0.8 z)   (in_scale = 0.8, shift 0)
 //     hard_clamp:  (half_l / hw) * [-1 < z + shift < 1]   resp.   [-1 < z < 1]
 // sech^2(u) = 4e / (1 + e)^2 with e = exp(-2|u|): no overflow, full relative accuracy for
 // large |u| (1 - tanh^2 cancels there).
@@ -41,7 +42,7 @@ namespace fsq {
 // Channels per codebook the kernels accept (the paper uses d <= 8; 16 leaves room).
 constexpr int kMaxChannels = 16;
 
-enum Variant : int32_t { kPaper = 0, kAtanh = 1, kSymmetric = 2 };
+enum Variant : int32_t { kPaper = 0, kAtanh = 1, kSymmetric = 2, kIfsq = 3 };
 
 // ---------------------------------------------------------------------------------------------
 // Element math (host + device)
@@ -277,12 +278,14 @@ struct ChannelParams {
   int64_t basis[kMaxChannels];        // cumprod([1, L_0, ..., L_{d-2}])
   T num_mul[kMaxChannels], num_sub[kMaxChannels], den[kMaxChannels];
   T shift[kMaxChannels], coef[kMaxChannels];
+  T in_scale[kMaxChannels];           // dcode/dz = coef * sech^2(in_scale * z + shift): 0.8 for ifsq
 };
 
 inline int32_t parse_variant(const std::string& v) {
   if (v == "paper") return kPaper;
   if (v == "atanh") return kAtanh;
   if (v == "symmetric") return kSymmetric;
+  if (v == "ifsq") return kIfsq;
   return -1;
 }
 

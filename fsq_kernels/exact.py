@@ -31,7 +31,8 @@ def sign_of_boundary_minus(f: float, *, level: int, j: int, variant: str, hard_c
     """sign(t - f) for the real-valued boundary t of channel i, step j, in exact arithmetic.
 
     t is defined by the float64 constants of channel_constants taken as exact numbers. Hard-clamped
-    boundaries are rational (Fraction). Otherwise t - f has the sign of target - tanh(f + shift),
+    boundaries are rational (Fraction). Otherwise t - f has the sign of
+    target - tanh(input_scale * f + shift) (input_scale > 0: 0.8 for ifsq, else 1),
     the target a rational in (-1, 1); tanh of a non-zero rational is irrational, so 200 digits
     decide every case but tanh(0) = 0, which is exact."""
     if variant == "symmetric":
@@ -43,7 +44,7 @@ def sign_of_boundary_minus(f: float, *, level: int, j: int, variant: str, hard_c
     if hard_clamp:
         diff = target - shift - Fraction(f)
         return (diff > 0) - (diff < 0)
-    u = Fraction(f) + shift
+    u = Fraction(f) * Fraction(consts["input_scale"][i]) + shift
     if u == 0:
         return (target > 0) - (target < 0)
     with localcontext() as ctx:
@@ -56,14 +57,15 @@ def sign_of_boundary_minus(f: float, *, level: int, j: int, variant: str, hard_c
 
 
 
-def round_boundary_f32(t: float, target: float, shift: float, hard_clamp: bool, up: bool, sign) -> float:
+def round_boundary_f32(t: float, target: float, shift: float, hard_clamp: bool, up: bool, sign,
+                       input_scale: float = 1.0) -> float:
     """The real boundary t (float64 approximation `t` = atanh(target) - shift, or target - shift
     with hard_clamp) rounded to float32 down (up=False) or up, exactly: sign(f) is sign(t - f).
 
     Where no float32 lies within the float64 error of `t` (nearly always), `t` rounds like the
     real t; otherwise the exact sign decides."""
     slope = 1.0 if hard_clamp else 1.0 / max(1e-300, 1.0 - target * target)  # atanh' amplifies
-    err = 2.0**-48 * (abs(t) + abs(shift) + abs(target) * slope) + 1e-300
+    err = 2.0**-48 * (abs(t) + (abs(shift) + abs(target) * slope) / input_scale) + 1e-300
     f = f32(t)
     if abs(t - f) > err:
         down = f if f < t else next_f32(f, up=False)

@@ -19,7 +19,8 @@ from .exact import round_boundary_f32 as _round_boundary_f32
 from .exact import sign_of_boundary_minus as _sign_of_boundary_minus
 
 EPS = 1e-3
-VARIANTS = ("paper", "atanh", "symmetric")
+VARIANTS = ("paper", "atanh", "symmetric", "ifsq")
+IFSQ_INPUT_SCALE = 0.8  # iFSQ: 2 sigmoid(1.6 z) - 1 = tanh(0.8 z)
 INT32_MAX_CODES = 2**31 - 1
 MAX_MATERIALIZED_CODEBOOK = 2**24
 
@@ -65,14 +66,16 @@ def basis(levels: Sequence[int]) -> list[int]:
 
 
 def channel_constants(levels: Sequence[int], variant: str = "paper", hard_clamp: bool = False) -> dict:
-    """Per-channel constants of the bound: half_l, offset, shift (float64) and half_width (int).
+    """Per-channel constants of the bound: half_l, offset, shift, input_scale (float64) and
+    half_width (int); b = tanh(input_scale * z + shift) * half_l - offset.
 
     For `symmetric` only half_width is meaningful; half_l/offset/shift are reported as
-    (L-1)/2, 0, 0 so that b = tanh(z) * half_l + half_l + 1/2 there.
+    (L-1)/2, 0, 0 so that b = tanh(z) * half_l + half_l + 1/2 there. input_scale is 0.8 for
+    `ifsq` (odd L only: half_l = (L-1)/2, no offset, no shift) and 1 otherwise.
     """
     half_l, offset, shift = [], [], []
     for level in levels:
-        if variant == "symmetric":
+        if variant in ("symmetric", "ifsq"):
             h, o, s = (level - 1) / 2, 0.0, 0.0
         else:
             o = 0.5 if level % 2 == 0 else 0.0
@@ -89,6 +92,7 @@ def channel_constants(levels: Sequence[int], variant: str = "paper", hard_clamp:
         "half_l": half_l,
         "offset": offset,
         "shift": shift,
+        "input_scale": [IFSQ_INPUT_SCALE if variant == "ifsq" else 1.0] * len(levels),
         "half_width": [level // 2 for level in levels],
     }
 
@@ -104,7 +108,8 @@ def _atanh_or_inf(x: float) -> float:
 def level_boundaries(levels: Sequence[int], variant: str = "paper", hard_clamp: bool = False) -> list[list[float]]:
     """For each channel, the L-1 values of z where the level index steps up (float64, ascending).
 
-    paper/atanh: k = #{q : z > t_q}; symmetric: k = #{j : z >= t_j} (its ties round up).
+    paper/atanh/ifsq: k = #{q : z > t_q}; symmetric: k = #{j : z >= t_j} (its ties round up).
+    t_q = (atanh((q + 1/2 + offset)/half_l) - shift) / input_scale (hard_clamp: without atanh).
     A boundary the bound cannot reach is -inf or +inf (`paper` with L >= 1002).
     """
     consts = channel_constants(levels, variant, hard_clamp)
@@ -115,10 +120,12 @@ def level_boundaries(levels: Sequence[int], variant: str = "paper", hard_clamp: 
             out.append(targets if hard_clamp else [_atanh_or_inf(t) for t in targets])
             continue
         h, o, s, hw = consts["half_l"][i], consts["offset"][i], consts["shift"][i], consts["half_width"][i]
+        a = consts["input_scale"][i]
         row = []
         for q in range(-hw, level - 1 - hw):
             target = (q + 0.5 + o) / h
-            row.append((target - s) if hard_clamp else _atanh_or_inf(target) - s)
+            t = (target - s) if hard_clamp else _atanh_or_inf(target) - s
+            row.append(t if a == 1.0 else t / a)
         out.append(row)
     return out
 
@@ -157,7 +164,7 @@ def comparison_boundaries(
                 shift = consts["shift"][i]
             sign = functools.partial(_sign_of_boundary_minus, level=level, j=j, variant=variant,
                                      hard_clamp=hard_clamp, consts=consts, i=i)
-            finite.append(_round_boundary_f32(t, x, shift, hard_clamp, ties_up, sign))
+            finite.append(_round_boundary_f32(t, x, shift, hard_clamp, ties_up, sign, consts["input_scale"][i]))
         out.append(finite)
     return k0s, out
 
@@ -179,6 +186,7 @@ def bound(z: Tensor, levels: Sequence[int], variant: str = "paper", hard_clamp: 
     """The value that gets rounded, channel-last (..., d), in z's dtype (differentiable).
 
     paper/atanh: b = tanh(z + shift) * half_l - offset, rounded half-to-even.
+    ifsq:        b = tanh(0.8 z) * (L-1)/2, rounded half-to-even (odd L).
     symmetric:   b = (L-1)(tanh(z) + 1)/2 + 1/2, floored.
     With hard_clamp, tanh is replaced by clamp(., -1, 1).
     """
@@ -190,6 +198,8 @@ def bound(z: Tensor, levels: Sequence[int], variant: str = "paper", hard_clamp: 
     half_l = _per_channel(consts["half_l"], z)
     offset = _per_channel(consts["offset"], z)
     shift = _per_channel(consts["shift"], z)
+    if variant == "ifsq":
+        z = z * _per_channel(consts["input_scale"], z)
     return squash(z + shift) * half_l - offset
 
 

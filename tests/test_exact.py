@@ -36,6 +36,10 @@ TABLE1 = [(8, 6, 5), (8, 5, 5, 5), (7, 5, 5, 5, 5), (8, 8, 8, 6, 5), (8, 8, 8, 5
 SMALL = [(2, 3, 4, 5, 7, 8), (4,), (32, 3)]
 LARGE = [(300, 7)]  # the tanh path in Triton: reference and cpp only
 VARIANT_CLAMPS = [("paper", False), ("atanh", False), ("atanh", True), ("symmetric", False), ("symmetric", True)]
+# iFSQ (odd L only): its truth is the published formula itself, (2 sigmoid(1.6 z) - 1)(L-1)/2
+# crossing q + 1/2, solved in mpmath with 1.6 the real 8/5 (not the float64 0.8 of the table)
+IFSQ_LEVELS = [(7, 5, 5, 5, 5), (3, 5, 7, 9), (31, 3)]
+IFSQ_LARGE = [(301, 7)]  # the tanh path in Triton
 # tiny inputs on both sides of 0 (the symmetric even-L boundary is exactly 0)
 TINY = [5e-17, 1e-17, 1e-30, 1e-38, 1e-40, 1e-42, 6e-8, 1e-5]
 
@@ -48,6 +52,12 @@ def exact_boundaries(levels, variant, hard_clamp):
     out = []
     for i, level in enumerate(levels):
         row = []
+        if variant == "ifsq":  # sigma(1.6 t) = (1 + r)/2  <=>  t = log((1 + r)/(1 - r)) / 1.6
+            for q in range(-(level // 2), level // 2):
+                r = (q + mpmath.mpf(1) / 2) / (mpmath.mpf(level - 1) / 2)
+                row.append(mpmath.log((1 + r) / (1 - r)) / (mpmath.mpf(8) / 5))
+            out.append(row)
+            continue
         for j in range(level - 1):
             if variant == "symmetric":
                 target, shift = mpmath.mpf(2 * j + 1) / (level - 1) - 1, mpmath.mpf(0)
@@ -139,6 +149,7 @@ def sweep(levels, variant, hard_clamp, dtype):
 
 
 CASES = [(lv, v, hc) for lv in TABLE1 + SMALL + LARGE for v, hc in VARIANT_CLAMPS]
+CASES += [(lv, "ifsq", False) for lv in IFSQ_LEVELS + IFSQ_LARGE]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -82,7 +82,7 @@ def test_cpp_reads_the_table_numbers(levels, variant, hard_clamp, dtype):
                  else tables.quantize_table(levels, variant, hard_clamp, dtype))
         got = torch.ops.fsq.parsed_table(list(levels), variant, hard_clamp, num_stages, table, dtype).tolist()
         fields, rows, extra = tables.split(table, len(levels))
-        names = ("k0", "nb", "shift", "grad_coef", "code_mul", "code_sub", "code_den")
+        names = ("k0", "nb", "shift", "grad_coef", "code_mul", "code_sub", "code_den", "input_scale")
         want = [fields[n][i] for i in range(len(levels)) for n in names]
         want += [t for row in rows for t in row] + extra
         assert got == want

@@ -22,8 +22,16 @@ class FSQ(nn.Module):
 
     Constructor arguments are vector-quantize-pytorch's, with the same meaning, plus:
       variant: "paper" (default; the paper's appendix code), "atanh" (vector-quantize-pytorch,
-        Cosmos) or "symmetric" (arXiv 2411.19842). preserve_symmetry=True selects "symmetric".
+        Cosmos), "symmetric" (arXiv 2411.19842) or "ifsq" (arXiv 2601.17124: tanh(0.8 z) (L-1)/2,
+        odd levels only). preserve_symmetry=True selects "symmetric".
       backend: "auto", "reference", "cpp", "cuda" or "triton" (see fsq_kernels.available_backends()).
+      dither: the training noise (docs/dither.md), drawn in a fused kernel: "peer" (default;
+        vector-quantize-pytorch's noise_dropout: each element, with probability noise_dropout,
+        gets clamp(code + U(-1/2, 1/2), -1, 1)) or "taae" (stable-audio-tools' DitheredFSQ: per
+        batch element, tanh(z) + U(-1/2, 1/2) * 2/(L-1) with probability 1 - noise_dropout, else
+        tanh(z) or the code; always on in training). Both need the "symmetric" variant; indices
+        always describe the noiseless code. The noise comes from the device's torch generator
+        (torch.manual_seed reproduces it).
 
     forward(z) -> (out, indices). z is channel-last (..., dim), or (B, dim, ...) when
     channel_first=True. The quantizer always computes in float32 (float64 for float64 input)
@@ -50,6 +58,7 @@ class FSQ(nn.Module):
         *,
         variant: str | None = None,
         backend: str = "auto",
+        dither: str = "peer",
     ):
         super().__init__()
         caller = "FSQ"
@@ -60,12 +69,18 @@ class FSQ(nn.Module):
             raise ValueError(f"{caller}: preserve_symmetry=True selects variant 'symmetric'; got variant={variant!r}")
         if variant not in reference.VARIANTS:
             raise ValueError(f"{caller}: variant must be one of {list(reference.VARIANTS)}; got {variant!r}")
-        if bound_hard_clamp and variant == "paper":
-            raise ValueError(f"{caller}: bound_hard_clamp=True applies to the 'atanh' and 'symmetric' variants; got variant='paper'")
+        if bound_hard_clamp and variant in ("paper", "ifsq"):
+            raise ValueError(f"{caller}: bound_hard_clamp=True applies to the 'atanh' and 'symmetric' variants; got variant={variant!r}")
+        ops._validate_variant(variant, False, caller, levels)  # 'ifsq': odd levels only
         if not 0.0 <= noise_dropout < 1.0:
             raise ValueError(f"{caller}: noise_dropout must lie in [0, 1); got {noise_dropout}")
         if noise_dropout > 0 and variant != "symmetric":
             raise ValueError(f"{caller}: noise_dropout > 0 needs the 'symmetric' variant (preserve_symmetry=True); got {variant!r}")
+        if dither not in ("peer", "taae"):
+            raise ValueError(f"{caller}: dither must be 'peer' or 'taae'; got {dither!r}")
+        if dither == "taae" and (variant != "symmetric" or bound_hard_clamp):
+            raise ValueError(f"{caller}: dither='taae' needs variant 'symmetric' without bound_hard_clamp; got "
+                             f"variant={variant!r}, bound_hard_clamp={bound_hard_clamp}")
         if not isinstance(num_codebooks, int) or isinstance(num_codebooks, bool) or num_codebooks < 1:
             raise ValueError(f"{caller}: num_codebooks must be an int >= 1; got {num_codebooks!r}")
         if keep_num_codebooks_dim is None:
@@ -84,6 +99,7 @@ class FSQ(nn.Module):
         self.scale = scale
         self.preserve_symmetry = variant == "symmetric"
         self.noise_dropout = noise_dropout
+        self.dither = dither
         self.bound_hard_clamp = bound_hard_clamp
         self.codebook_dim = len(levels)
         self.num_codebooks = num_codebooks
@@ -185,8 +201,11 @@ class FSQ(nn.Module):
                 channel_first=channel_first and direct, num_codebooks=self.num_codebooks,
                 return_indices=self.return_indices, backend=self.backend,
             )
-            if self.training and self.noise_dropout > 0:
-                codes = self._noise_dropout(codes)
+            if self.training and (self.noise_dropout > 0 or self.dither == "taae"):
+                codes = ops.dither(
+                    codes, x, self.levels, mode=self.dither, p=self.noise_dropout,
+                    channel_first=channel_first and direct, backend=self.backend,
+                )
             if self.orthogonal_rotation:
                 codes = self._rotate(codes, self.orthogonal_rot.t())
 
@@ -196,12 +215,6 @@ class FSQ(nn.Module):
         if indices is not None and self.keep_num_codebooks_dim and self.num_codebooks == 1:
             indices = indices.unsqueeze(-1)
         return out, indices
-
-    def _noise_dropout(self, codes: Tensor) -> Tensor:
-        # arXiv 2411.19842: replace rounding by uniform noise on a random subset of elements.
-        keep_mask = torch.full_like(codes, self.noise_dropout).bernoulli_().bool()
-        noisy = codes + (torch.rand_like(codes) - 0.5)
-        return torch.where(keep_mask, noisy, codes).clamp(-1.0, 1.0)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         return self._forward(z, self.channel_first)

@@ -22,7 +22,8 @@ from .backends import BACKENDS, available_backends, resolve  # noqa: F401  (BACK
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = [
-    "available_backends", "codes_to_indices", "indices_to_codes", "quantize", "residual_quantize", "validate_levels",
+    "available_backends", "codes_to_indices", "dither", "indices_to_codes", "quantize", "residual_quantize",
+    "validate_levels",
 ]
 
 
@@ -49,13 +50,17 @@ def validate_levels(levels, caller: str = "levels") -> tuple[int, ...]:
     return tuple(out)
 
 
-def _validate_variant(variant, hard_clamp, caller: str) -> None:
+def _validate_variant(variant, hard_clamp, caller: str, levels=()) -> None:
     if variant not in reference.VARIANTS:
         raise ValueError(f"{caller}: variant must be one of {list(reference.VARIANTS)}; got {variant!r}")
-    if hard_clamp and variant == "paper":
+    if hard_clamp and variant in ("paper", "ifsq"):
         raise ValueError(
-            f"{caller}: hard_clamp=True applies to the 'atanh' and 'symmetric' variants; got variant='paper'"
+            f"{caller}: hard_clamp=True applies to the 'atanh' and 'symmetric' variants; got variant={variant!r}"
         )
+    if variant == "ifsq":  # iFSQ's bound has no offset: its published code asserts odd levels
+        for i, level in enumerate(levels):
+            if level % 2 == 0:
+                raise ValueError(f"{caller}: variant 'ifsq' needs odd levels; got levels[{i}] = {level}")
 
 
 def _validate_num_codebooks(num_codebooks, caller: str) -> int:
@@ -132,7 +137,7 @@ def quantize(
     """
     caller = "fsq_kernels.quantize"
     levels = validate_levels(levels, caller)
-    _validate_variant(variant, hard_clamp, caller)
+    _validate_variant(variant, hard_clamp, caller, levels)
     num_codebooks = _validate_num_codebooks(num_codebooks, caller)
     _validate_float_tensor(z, "z", caller)
     _validate_channels(z, "z", levels, num_codebooks, channel_first, caller)
@@ -181,7 +186,7 @@ def indices_to_codes(
     """
     caller = "fsq_kernels.indices_to_codes"
     levels = validate_levels(levels, caller)
-    _validate_variant(variant, False, caller)
+    _validate_variant(variant, False, caller, levels)
     num_codebooks = _validate_num_codebooks(num_codebooks, caller)
     if not isinstance(indices, Tensor):
         raise TypeError(f"{caller}: indices must be a torch.Tensor; got {type(indices).__name__}")
@@ -214,7 +219,7 @@ def codes_to_indices(
     float32/float64 codes; bfloat16 codes are exact while every L <= 256)."""
     caller = "fsq_kernels.codes_to_indices"
     levels = validate_levels(levels, caller)
-    _validate_variant(variant, False, caller)
+    _validate_variant(variant, False, caller, levels)
     num_codebooks = _validate_num_codebooks(num_codebooks, caller)
     _validate_float_tensor(codes, "codes", caller)
     _validate_channels(codes, "codes", levels, num_codebooks, channel_first, caller)
@@ -261,3 +266,6 @@ def residual_quantize(
     return runner.residual_quantize(
         x, levels, num_stages, bool(hard_clamp), soft_clamp, bool(channel_first), active_stages
     )
+
+
+from .dither_ops import dither  # noqa: E402  (issue 16; uses the validators above)

@@ -4,14 +4,16 @@ A table is a flat tuple of Python floats, for one (levels, variant, hard_clamp, 
 (math dtype: float64 for float64 inputs, float32 for float32, bfloat16 and float16 ones):
 
     per channel i, FIELDS values:  k0, nb, shift, grad_coef, code_mul, code_sub, code_den,
-                                   half_l, offset
+                                   half_l, offset, input_scale
     then the nb_0 + nb_1 + ... finite comparison boundaries, channel after channel, ascending
 
 * k0 / boundaries: reference.comparison_boundaries. k = k0 + #{x > t} (paper/atanh) or
   k = #{x >= t} (symmetric); each float32 boundary is the real one rounded in the direction its
   comparison needs, so the comparison is exact for every float32/bfloat16/float16 input.
 * shift, half_l, offset: reference.channel_constants (symmetric: 0, (L-1)/2, 0).
-* grad_coef: dcode/dbound = half_l / (L // 2) (paper/atanh) or 1 (symmetric).
+* grad_coef, input_scale: dcode/dz = grad_coef * sech^2(input_scale * z + shift), so grad_coef =
+  input_scale * half_l / (L // 2) (paper/atanh/ifsq) or 1 (symmetric); input_scale is 0.8 for
+  ifsq (tanh(0.8 z)) and 1 otherwise.
 * code = (code_mul * k - code_sub) / code_den: (k - L//2) / (L//2) or (2k - (L-1)) / (L-1).
 Floating values are rounded to nearest in the math dtype (exact in the list of Python floats).
 
@@ -35,7 +37,7 @@ import torch
 
 from .. import reference
 
-FIELDS = ("k0", "nb", "shift", "grad_coef", "code_mul", "code_sub", "code_den", "half_l", "offset")
+FIELDS = ("k0", "nb", "shift", "grad_coef", "code_mul", "code_sub", "code_den", "half_l", "offset", "input_scale")
 NUM_FIELDS = len(FIELDS)
 
 __all__ = ["FIELDS", "NUM_FIELDS", "math_dtype", "quantize_table", "residual_table", "round_to", "split"]
@@ -61,9 +63,11 @@ def _quantize_table(levels: tuple, variant: str, hard_clamp: bool, dtype: torch.
         if variant == "symmetric":
             shift, coef, mul, sub, den = 0.0, 1.0, 2, level - 1, level - 1
         else:
-            shift, coef, mul, sub, den = consts["shift"][i], consts["half_l"][i] / hw, 1, hw, hw
+            scale = consts["input_scale"][i]
+            shift, coef, mul, sub, den = consts["shift"][i], scale * consts["half_l"][i] / hw, 1, hw, hw
         header += [float(k0[i]), float(len(rows[i])), round_to(shift, dtype), round_to(coef, dtype), float(mul),
-                   float(sub), float(den), round_to(consts["half_l"][i], dtype), round_to(consts["offset"][i], dtype)]
+                   float(sub), float(den), round_to(consts["half_l"][i], dtype), round_to(consts["offset"][i], dtype),
+                   round_to(consts["input_scale"][i], dtype)]
     return tuple(header) + tuple(t for row in rows for t in row)
 
 

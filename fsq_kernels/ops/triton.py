@@ -53,7 +53,7 @@ def supports(levels: tuple[int, ...]) -> bool:
 def payload(levels: tuple, variant: str, hard_clamp: bool, table: tuple, soft_clamp=None, num_stages: int = 0) -> dict:
     """The constexprs of one launch, from the op's table: LEVELS, BASIS, NUM_CODES, INDEX_64,
     USE_CMP, BOUNDS (per channel, empty on the tanh path), MAX_B, HALF_L, OFFSET, SHIFT,
-    GRAD_SCALE, and for residual ops SCALES (num_stages rows) and SOFT (float32 soft clamp)."""
+    GRAD_SCALE, IN_SCALE, and for residual ops SCALES (num_stages rows) and SOFT (float32 soft clamp)."""
     d = len(levels)
     fields, rows, extra = tables.split(table, d)
     use_cmp = max(levels) <= _k.CMP_MAX_LEVELS  # the exact comparison path, else the tanh path
@@ -66,7 +66,7 @@ def payload(levels: tuple, variant: str, hard_clamp: bool, table: tuple, soft_cl
         BOUNDS=tuple(tuple(row) for row in rows) if use_cmp else (),
         MAX_B=max(levels) - 1 if use_cmp else 0,
         HALF_L=tuple(fields["half_l"]), OFFSET=tuple(fields["offset"]), SHIFT=tuple(fields["shift"]),
-        GRAD_SCALE=tuple(fields["grad_coef"]),
+        GRAD_SCALE=tuple(fields["grad_coef"]), IN_SCALE=tuple(fields["input_scale"]),
     )
     if num_stages:
         out["SCALES"] = tuple(tuple(extra[s * d:(s + 1) * d]) for s in range(num_stages))

@@ -46,8 +46,8 @@ import triton.language as tl
 from .. import shapes
 
 # Variants as kernel constexprs.
-PAPER, ATANH, SYMMETRIC = 0, 1, 2
-VARIANTS = {"paper": PAPER, "atanh": ATANH, "symmetric": SYMMETRIC}
+PAPER, ATANH, SYMMETRIC, IFSQ = 0, 1, 2, 3
+VARIANTS = {"paper": PAPER, "atanh": ATANH, "symmetric": SYMMETRIC, "ifsq": IFSQ}
 
 CMP_MAX_LEVELS = 32  # comparison path when max(levels) <= this, tanh path above
 MAX_OUTER = 3  # outer unit dimensions handled in-kernel (plus one blocked inner dimension)
@@ -128,9 +128,10 @@ def _lane_int(VALS: tl.constexpr, lane, D: tl.constexpr, D_PAD: tl.constexpr, DT
 def _level_index(z, lane, L_i, LEVELS: tl.constexpr, HALF_L: tl.constexpr, OFFSET: tl.constexpr,
                  SHIFT: tl.constexpr, BOUNDS: tl.constexpr, MAX_B: tl.constexpr,
                  VARIANT: tl.constexpr, HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr,
-                 D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+                 D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, IN_SCALE: tl.constexpr = ()):
     """Level index k in [0, L-1] ([BLOCK, D_PAD] int32) of float32 z; NaN gives 0 (callers
-    mark NaN themselves).  Shared by the FSQ forward and the residual kernels."""
+    mark NaN themselves).  Shared by the FSQ forward and the residual kernels. IN_SCALE: the
+    table's input_scale (ifsq's tanh path: tanh(0.8 z))."""
     L_max = (L_i - 1)[None, :]
     if USE_CMP:
         # level index = number of boundaries below z (ties go up for symmetric)
@@ -146,7 +147,10 @@ def _level_index(z, lane, L_i, LEVELS: tl.constexpr, HALF_L: tl.constexpr, OFFSE
                 k += (z > thr[None, :]).to(tl.int32)
     else:
         shift = _lane_f32(SHIFT, lane, D, D_PAD, 0.0)[None, :]
-        x = z + shift
+        if VARIANT == 3:
+            x = z * _lane_f32(IN_SCALE, lane, D, D_PAD, 1.0)[None, :] + shift
+        else:
+            x = z + shift
         if HARD_CLAMP:
             t = tl.minimum(tl.maximum(x, -1.0), 1.0)
         else:
@@ -205,6 +209,7 @@ def _fsq_fwd_kernel(
     cs_in, cs_o0, cs_o1, cs_o2, cs_c,
     is_in, is_o0, is_o1, is_o2,
     LEVELS: tl.constexpr, HALF_L: tl.constexpr, OFFSET: tl.constexpr, SHIFT: tl.constexpr,
+    IN_SCALE: tl.constexpr,
     BASIS: tl.constexpr, BOUNDS: tl.constexpr, MAX_B: tl.constexpr,
     VARIANT: tl.constexpr, HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr,
     WRITE_INDEX: tl.constexpr, INDEX_64: tl.constexpr,
@@ -231,7 +236,7 @@ def _fsq_fwd_kernel(
     L_i = _lane_int(LEVELS, lane, D, D_PAD, tl.int32)
     L_max = (L_i - 1)[None, :]
     k = _level_index(z, lane, L_i, LEVELS, HALF_L, OFFSET, SHIFT, BOUNDS, MAX_B,
-                     VARIANT, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK)
+                     VARIANT, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK, IN_SCALE)
 
     if VARIANT == 2:
         num = 2 * k - L_max
@@ -272,7 +277,7 @@ def _fsq_bwd_kernel(
     zs_in, zs_o0, zs_o1, zs_o2, zs_c,
     gs_in, gs_o0, gs_o1, gs_o2, gs_c,
     os_in, os_o0, os_o1, os_o2, os_c,
-    SHIFT: tl.constexpr, GRAD_SCALE: tl.constexpr,
+    SHIFT: tl.constexpr, GRAD_SCALE: tl.constexpr, IN_SCALE: tl.constexpr,
     VARIANT: tl.constexpr, HARD_CLAMP: tl.constexpr,
     Z_IN_ONE: tl.constexpr, Z_IN_CONST: tl.constexpr, Z_C_ONE: tl.constexpr,
     G_IN_ONE: tl.constexpr, G_IN_CONST: tl.constexpr, G_C_ONE: tl.constexpr,
@@ -311,6 +316,8 @@ def _fsq_bwd_kernel(
         x = z
     else:
         x = z + _lane_f32(SHIFT, lane, D, D_PAD, 0.0)[None, :]
+        if VARIANT == 3:  # ifsq: sech^2(0.8 z), shift 0
+            x = z * _lane_f32(IN_SCALE, lane, D, D_PAD, 1.0)[None, :]
     if HARD_CLAMP:
         d = tl.where((x > -1.0) & (x < 1.0), 1.0, 0.0)  # NaN: 0, as autograd of the clamp
     else:
@@ -528,7 +535,7 @@ def fsq_forward(z: torch.Tensor, cst: dict, variant: int, hard_clamp: bool, chan
         zz, codes, idx,
         geo.n_inner, geo.n_o1, geo.n_o2,
         *geo.operand(0), *geo.operand(1), *geo.operand(2, channel=False),
-        LEVELS=levels, HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"],
+        LEVELS=levels, HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"], IN_SCALE=cst["IN_SCALE"],
         BASIS=cst["BASIS"], BOUNDS=cst["BOUNDS"], MAX_B=cst["MAX_B"],
         VARIANT=variant, HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
         WRITE_INDEX=bool(return_indices), INDEX_64=cst["INDEX_64"],
@@ -561,7 +568,7 @@ def fsq_backward(grad_codes: torch.Tensor, z: torch.Tensor, cst: dict, variant: 
         zz, gg, grad_z,
         geo.n_inner, geo.n_o1, geo.n_o2,
         *geo.operand(0), *geo.operand(1), *geo.operand(2),
-        SHIFT=cst["SHIFT"], GRAD_SCALE=cst["GRAD_SCALE"],
+        SHIFT=cst["SHIFT"], GRAD_SCALE=cst["GRAD_SCALE"], IN_SCALE=cst["IN_SCALE"],
         VARIANT=variant, HARD_CLAMP=bool(hard_clamp),
         Z_IN_ONE=zf[0], Z_IN_CONST=zf[1], Z_C_ONE=zf[2],
         G_IN_ONE=gf[0], G_IN_CONST=gf[1], G_C_ONE=gf[2],
