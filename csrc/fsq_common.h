@@ -204,6 +204,16 @@ inline std::vector<int64_t> decode_shape(const char* op, c10::IntArrayRef ishape
   return out;
 }
 
+// The index operand of indices_to_codes as the kernels read it: contiguous (they index it by
+// token), and int32/int64 when `widen` (the CUDA kernel reads only those; the CPU kernel reads
+// every integer dtype). `.to(dtype)` alone would keep a permuted tensor's strides.
+inline at::Tensor dense_indices(const at::Tensor& indices, bool widen) {
+  const at::ScalarType t = indices.scalar_type();
+  if (!widen || t == at::kInt || t == at::kLong) return indices.contiguous();
+  return indices.to(at::kLong, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous)
+      .contiguous();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Token geometry: tokens are all positions of a tensor except its channel axis, in row-major
 // order (the order of the index tensor). Each operand has its own token strides and channel

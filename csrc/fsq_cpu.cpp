@@ -489,7 +489,7 @@ at::Tensor indices_to_codes_cpu(const at::Tensor& indices, c10::IntArrayRef leve
                              indices.options().dtype(dtype));
   if (out.numel() == 0) return out;
   advise_huge_pages(out);
-  const at::Tensor idx = indices.contiguous();
+  const at::Tensor idx = dense_indices(indices, /*widen=*/false);
   AT_DISPATCH_INTEGRAL_TYPES(idx.scalar_type(), "fsq_indices_to_codes_cpu_idx", [&] {
     using index_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fsq_indices_to_codes_cpu",

@@ -2,8 +2,9 @@
 //
 // One thread per (token, codebook), grid-stride loops. A thread reads the d <= 16 channels of
 // its codebook through strides (channel-first: adjacent threads read adjacent addresses) or, when
-// every operand is channel-contiguous and 16-byte aligned with d * sizeof(dtype) a multiple of 16
-// (e.g. [8,5,5,5] in float32, 8 channels in bf16), with 128-bit loads and stores. Math in
+// every operand is channel-contiguous and aligned, with vector loads and stores: 128-bit when
+// d * sizeof(dtype) is a multiple of 16 (e.g. [8,5,5,5] in float32, 8 channels in bf16), 64-bit
+// when it is a multiple of 8 (e.g. [8,5,5,5] in bfloat16/float16). Math in
 // float32 (float64 is CPU-only). The forward compares against the level boundaries (no tanh);
 // the backward uses sech^2 from exp (fsq_math.h).
 //
@@ -42,26 +43,55 @@ struct CudaArgs {
   TokenGeom<3> g;
   int64_t nwork;              // tokens * num_codebooks
   const float* ext_bounds;    // device boundaries when they do not fit inline, else nullptr
-  int32_t vec;                // 128-bit loads/stores for every operand
+  int32_t vec;                // vector width of every operand's rows in bytes (16, 8) or 0
   float bounds[kInlineBounds];
 };
 static_assert(sizeof(CudaArgs) <= 4096, "kernel parameters must stay within 4 KiB");
 
-template <typename scalar_t>
-__device__ __forceinline__ void load_channels(const scalar_t* __restrict__ p, int64_t cs, int d,
-                                              bool vec, float (&v)[kMaxChannels]) {
-  constexpr int kPer = 16 / sizeof(scalar_t);
-  if (vec) {
+// Vector access of a channel-contiguous row: Raw = uint4 (16 bytes) or uint2 (8 bytes).
+template <typename scalar_t, typename Raw>
+__device__ __forceinline__ void load_vec(const scalar_t* __restrict__ p, int d,
+                                         float (&v)[kMaxChannels]) {
+  constexpr int kPer = sizeof(Raw) / sizeof(scalar_t);
 #pragma unroll
-    for (int c = 0; c < kMaxChannels; c += kPer) {
-      if (c < d) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p + c));
-        const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
+  for (int c = 0; c < kMaxChannels; c += kPer) {
+    if (c < d) {
+      const Raw raw = __ldg(reinterpret_cast<const Raw*>(p + c));
+      const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
 #pragma unroll
-        for (int u = 0; u < kPer; ++u)
-          if (c + u < kMaxChannels) v[c + u] = static_cast<float>(e[u]);
-      }
+      for (int u = 0; u < kPer; ++u)
+        if (c + u < kMaxChannels) v[c + u] = static_cast<float>(e[u]);
     }
+  }
+}
+
+template <typename scalar_t, typename Raw>
+__device__ __forceinline__ void store_vec(scalar_t* __restrict__ p, int d,
+                                          const float (&v)[kMaxChannels]) {
+  constexpr int kPer = sizeof(Raw) / sizeof(scalar_t);
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; c += kPer) {
+    if (c < d) {
+      Raw raw;
+      scalar_t* e = reinterpret_cast<scalar_t*>(&raw);
+#pragma unroll
+      for (int u = 0; u < kPer; ++u)
+        e[u] = static_cast<scalar_t>(c + u < kMaxChannels ? v[c + u] : 0.0f);
+      *reinterpret_cast<Raw*>(p + c) = raw;
+    }
+  }
+}
+
+// The d channels of one row: `vec` is the vector width in bytes (16, 8) or 0 (strided access).
+// kVec8 = false leaves the 8-byte path out (the residual kernels: one path less keeps their
+// register allocation free of spills).
+template <typename scalar_t, bool kVec8 = true>
+__device__ __forceinline__ void load_channels(const scalar_t* __restrict__ p, int64_t cs, int d,
+                                              int vec, float (&v)[kMaxChannels]) {
+  if (vec == 16) {
+    load_vec<scalar_t, uint4>(p, d, v);
+  } else if (kVec8 && vec == 8) {
+    load_vec<scalar_t, uint2>(p, d, v);
   } else {
 #pragma unroll
     for (int c = 0; c < kMaxChannels; ++c)
@@ -69,22 +99,13 @@ __device__ __forceinline__ void load_channels(const scalar_t* __restrict__ p, in
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kVec8 = true>
 __device__ __forceinline__ void store_channels(scalar_t* __restrict__ p, int64_t cs, int d,
-                                               bool vec, const float (&v)[kMaxChannels]) {
-  constexpr int kPer = 16 / sizeof(scalar_t);
-  if (vec) {
-#pragma unroll
-    for (int c = 0; c < kMaxChannels; c += kPer) {
-      if (c < d) {
-        uint4 raw;
-        scalar_t* e = reinterpret_cast<scalar_t*>(&raw);
-#pragma unroll
-        for (int u = 0; u < kPer; ++u)
-          e[u] = static_cast<scalar_t>(c + u < kMaxChannels ? v[c + u] : 0.0f);
-        *reinterpret_cast<uint4*>(p + c) = raw;
-      }
-    }
+                                               int vec, const float (&v)[kMaxChannels]) {
+  if (vec == 16) {
+    store_vec<scalar_t, uint4>(p, d, v);
+  } else if (kVec8 && vec == 8) {
+    store_vec<scalar_t, uint2>(p, d, v);
   } else {
 #pragma unroll
     for (int c = 0; c < kMaxChannels; ++c)
@@ -220,7 +241,7 @@ struct ResidualCudaArgs {
   TokenGeom<3> g;             // operands: x, out (grad_out), indices (grad_x)
   const void* active;         // 0-d int32/int64 device tensor, or nullptr: every stage
   int32_t active64;           // *active is int64
-  int32_t d, num_stages, hard_clamp, soft, index64, vec, bounds_off;
+  int32_t d, num_stages, hard_clamp, soft, index64, vec, bounds_off;  // vec: as CudaArgs
   int32_t nb[kMaxChannels], boff[kMaxChannels];
   int64_t basis[kMaxChannels];
   float lm1[kMaxChannels], soft_c[kMaxChannels];
@@ -248,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
   const int32_t active = active_stages_of(a);
   for (int64_t tok = work_begin(); tok < a.g.ntok; tok += work_step()) {
     float r[kMaxChannels], o[kMaxChannels];
-    load_channels<scalar_t>(x + a.g.offset(0, tok), a.g.cstride[0], d, a.vec, r);
+    load_channels<scalar_t, false>(x + a.g.offset(0, tok), a.g.cstride[0], d, a.vec, r);
     bool nan = false;
 #pragma unroll
     for (int i = 0; i < kMaxChannels; ++i) {
@@ -287,7 +308,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < kMaxChannels; ++i)
         if (i < d) o[i] = r[i] != r[i] ? r[i] : o[i];
     }
-    store_channels<scalar_t>(out + a.g.offset(1, tok), a.g.cstride[1], d, a.vec, o);
+    store_channels<scalar_t, false>(out + a.g.offset(1, tok), a.g.cstride[1], d, a.vec, o);
   }
 }
 
@@ -306,7 +327,7 @@ __global__ void __launch_bounds__(kThreads)
     // stages outer, channels inner (as the forward): r and gs are the only live arrays; the
     // soft clamp's derivative is recomputed from a second read of x (an L1 hit) at the end
     float r[kMaxChannels], gs[kMaxChannels];
-    load_channels<scalar_t>(x + a.g.offset(0, tok), a.g.cstride[0], d, a.vec, r);
+    load_channels<scalar_t, false>(x + a.g.offset(0, tok), a.g.cstride[0], d, a.vec, r);
 #pragma unroll
     for (int i = 0; i < kMaxChannels; ++i) {
       if (i < d) {
@@ -329,16 +350,16 @@ __global__ void __launch_bounds__(kThreads)
     }
     float v[kMaxChannels];
     if (a.soft) {
-      load_channels<scalar_t>(x + a.g.offset(0, tok), a.g.cstride[0], d, a.vec, v);
+      load_channels<scalar_t, false>(x + a.g.offset(0, tok), a.g.cstride[0], d, a.vec, v);
 #pragma unroll
       for (int i = 0; i < kMaxChannels; ++i)
         if (i < d) gs[i] = sech2<float>(div_rn(v[i], a.soft_c[i])) * gs[i];
     }
-    load_channels<scalar_t>(grad_out + a.g.offset(1, tok), a.g.cstride[1], d, a.vec, v);
+    load_channels<scalar_t, false>(grad_out + a.g.offset(1, tok), a.g.cstride[1], d, a.vec, v);
 #pragma unroll
     for (int i = 0; i < kMaxChannels; ++i)
       if (i < d) v[i] = active > 0 ? v[i] * gs[i] : 0.0f;
-    store_channels<scalar_t>(grad_x + a.g.offset(2, tok), a.g.cstride[2], d, a.vec, v);
+    store_channels<scalar_t, false>(grad_x + a.g.offset(2, tok), a.g.cstride[2], d, a.vec, v);
   }
 }
 
@@ -386,17 +407,22 @@ void copy_geom(TokenGeom<3>& dst, const TokenGeom<NOPS>& src) {
   for (int op = 0; op < NOPS; ++op) dst.cstride[op] = src.cstride[op];
 }
 
-// 128-bit path: every operand channel-contiguous, 16-byte aligned at every token and codebook.
+// Vector width (16 or 8 bytes, 0 for none) for the first `nops` operands: every one of them
+// channel-contiguous and aligned to the width at every token and codebook. [8,5,5,5] rows are
+// 16 bytes in float32 and 8 bytes in bfloat16/float16.
 template <int NOPS>
-bool can_vectorize(const TokenGeom<NOPS>& g, const void* const* ptrs, int64_t d, int64_t esize) {
-  if ((d * esize) % 16 != 0) return false;
-  for (int op = 0; op < NOPS; ++op) {
-    if (g.cstride[op] != 1) return false;
-    if (reinterpret_cast<uintptr_t>(ptrs[op]) % 16 != 0) return false;
-    for (int k = 0; k < g.ndim; ++k)
-      if ((g.stride[op][k] * esize) % 16 != 0) return false;
+int vector_width(const TokenGeom<NOPS>& g, const void* const* ptrs, int nops, int64_t d,
+                 int64_t esize, bool allow8 = true) {
+  for (int width : {16, 8}) {
+    if (width == 8 && !allow8) break;
+    bool ok = (d * esize) % width == 0;
+    for (int op = 0; op < nops && ok; ++op) {
+      ok = g.cstride[op] == 1 && reinterpret_cast<uintptr_t>(ptrs[op]) % width == 0;
+      for (int k = 0; k < g.ndim && ok; ++k) ok = (g.stride[op][k] * esize) % width == 0;
+    }
+    if (ok) return width;
   }
-  return true;
+  return 0;
 }
 
 int64_t grid_for(int64_t nwork) {
@@ -456,7 +482,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& z, c10::IntAr
   copy_geom(a.g, g);
   a.nwork = g.ntok * s.num_codebooks;
   const void* ptrs[2] = {z.const_data_ptr(), codes.const_data_ptr()};
-  a.vec = can_vectorize<2>(g, ptrs, s.d, z.element_size()) ? 1 : 0;
+  a.vec = vector_width<2>(g, ptrs, 2, s.d, z.element_size());
   auto stream = at::cuda::getCurrentCUDAStream();
   FSQ_DISPATCH_CUDA_FLOATS(z.scalar_type(), op, [&] {
     fsq_forward_kernel<scalar_t><<<grid_for(a.nwork), kThreads, 0, stream>>>(
@@ -490,7 +516,7 @@ at::Tensor quantize_backward_cuda(const at::Tensor& grad_codes, const at::Tensor
   a.g = g;
   a.nwork = g.ntok * s.num_codebooks;
   const void* ptrs[3] = {z.const_data_ptr(), grad_codes.const_data_ptr(), gz.const_data_ptr()};
-  a.vec = can_vectorize<3>(g, ptrs, s.d, z.element_size()) ? 1 : 0;
+  a.vec = vector_width<3>(g, ptrs, 3, s.d, z.element_size());
   auto stream = at::cuda::getCurrentCUDAStream();
   FSQ_DISPATCH_CUDA_FLOATS(z.scalar_type(), op, [&] {
     fsq_backward_kernel<scalar_t><<<grid_for(a.nwork), kThreads, 0, stream>>>(
@@ -514,9 +540,7 @@ at::Tensor indices_to_codes_cuda(const at::Tensor& indices, c10::IntArrayRef lev
   at::Tensor out = at::empty(decode_shape(op, indices.sizes(), channel_first, s),
                              indices.options().dtype(dtype));
   if (out.numel() == 0) return out;
-  const bool i64 = indices.scalar_type() == at::kLong;
-  const at::Tensor idx =
-      (i64 || indices.scalar_type() == at::kInt) ? indices.contiguous() : indices.to(at::kLong);
+  const at::Tensor idx = dense_indices(indices, /*widen=*/true);
   CudaArgs a;
   fill_args(a, op, s, table, false, indices.device());
   const c10::IntArrayRef strides[1] = {out.strides()};
@@ -524,7 +548,7 @@ at::Tensor indices_to_codes_cuda(const at::Tensor& indices, c10::IntArrayRef lev
   copy_geom(a.g, g);
   a.nwork = g.ntok * s.num_codebooks;
   const void* ptrs[1] = {out.const_data_ptr()};
-  a.vec = can_vectorize<1>(g, ptrs, s.d, out.element_size()) ? 1 : 0;
+  a.vec = vector_width<1>(g, ptrs, 1, s.d, out.element_size());
   auto stream = at::cuda::getCurrentCUDAStream();
   FSQ_DISPATCH_CUDA_FLOATS(dtype, op, [&] {
     fsq_decode_kernel<scalar_t><<<grid_for(a.nwork), kThreads, 0, stream>>>(
@@ -574,20 +598,6 @@ at::Tensor active_stages_for_kernel(const std::optional<at::Tensor>& active) {
   return (t == at::kLong || t == at::kInt) ? *active : active->to(at::kLong);
 }
 
-// 128-bit loads/stores of the first two operands (x and out / grad_out); the third keeps its
-// strided access (indices) or must qualify too (grad_x).
-bool can_vectorize_first(const TokenGeom<3>& g, const void* const* ptrs, int nops, int64_t d,
-                         int64_t esize) {
-  if ((d * esize) % 16 != 0) return false;
-  for (int op = 0; op < nops; ++op) {
-    if (g.cstride[op] != 1) return false;
-    if (reinterpret_cast<uintptr_t>(ptrs[op]) % 16 != 0) return false;
-    for (int k = 0; k < g.ndim; ++k)
-      if ((g.stride[op][k] * esize) % 16 != 0) return false;
-  }
-  return true;
-}
-
 std::tuple<at::Tensor, at::Tensor> residual_quantize_cuda(
     const at::Tensor& x, c10::IntArrayRef levels, int64_t num_stages, bool hard_clamp,
     std::optional<c10::ArrayRef<double>> soft_clamp, bool channel_first,
@@ -611,7 +621,8 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_cuda(
   const c10::IntArrayRef strides[3] = {x.strides(), out.strides(), idx.strides()};
   a.g = make_geom<3>(x.sizes(), strides, channel_dim(x.dim(), channel_first));
   const void* ptrs[2] = {x.const_data_ptr(), out.const_data_ptr()};
-  a.vec = can_vectorize_first(a.g, ptrs, 2, r.s.d, x.element_size()) ? 1 : 0;
+  // x and out vectorized; the indices (third operand) keep their strided access
+  a.vec = vector_width<3>(a.g, ptrs, 2, r.s.d, x.element_size(), /*allow8=*/false);
   auto stream = at::cuda::getCurrentCUDAStream();
   FSQ_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
     fsq_residual_forward_kernel<scalar_t><<<grid_for(a.g.ntok), kThreads, 0, stream>>>(
@@ -649,7 +660,7 @@ at::Tensor residual_quantize_backward_cuda(const at::Tensor& grad_out, const at:
   const c10::IntArrayRef strides[3] = {x.strides(), grad_out.strides(), gx.strides()};
   a.g = make_geom<3>(x.sizes(), strides, channel_dim(x.dim(), channel_first));
   const void* ptrs[3] = {x.const_data_ptr(), grad_out.const_data_ptr(), gx.const_data_ptr()};
-  a.vec = can_vectorize_first(a.g, ptrs, 3, r.s.d, x.element_size()) ? 1 : 0;
+  a.vec = vector_width<3>(a.g, ptrs, 3, r.s.d, x.element_size(), /*allow8=*/false);
   auto stream = at::cuda::getCurrentCUDAStream();
   FSQ_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
     fsq_residual_backward_kernel<scalar_t><<<grid_for(a.g.ntok), kThreads, 0, stream>>>(

@@ -17,7 +17,6 @@ Run as a script (`python tests/test_exact.py`) it prints the input and mismatch 
 from __future__ import annotations
 
 import bisect
-import math
 import os
 import sys
 

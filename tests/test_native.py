@@ -7,6 +7,7 @@ tests when FSQ_TEST_DEVICE=cuda (here: CPU kernels only, for real).
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -387,6 +388,28 @@ def test_cuda_matches_cpu(case, variant, hard_clamp):
     assert torch.equal(dec_c.cpu(), dec)
 
 
+def _permuted_small_indices(dtype, device):
+    """(2, 5, 3, 2) indices of levels (4, 3, 2) as a permuted (non-contiguous) view, ncb = 2."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randint(0, 24, (3, 2, 5, 2), generator=g).to(dtype)
+    return base.permute(1, 2, 0, 3).to(device)  # strides of a transposed layout
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_decode_permuted_small_integer_indices(dtype, device):
+    """Permuted int8/uint8/int16 indices: the kernels read them densely (fsq_common.h dense_indices:
+    a widening .to() alone keeps the permuted strides)."""
+    levels = (4, 3, 2)
+    idx = _permuted_small_indices(dtype, device)
+    assert not idx.is_contiguous()
+    for channel_first in (False, True):
+        got = native.indices_to_codes(idx, levels, "symmetric", channel_first, 2, torch.float32)
+        want = reference.indices_to_codes(idx.cpu().long(), levels, variant="symmetric",
+                                          channel_first=channel_first, num_codebooks=2)
+        assert torch.equal(got.cpu(), want)
+
+
 @cuda_only
 def test_cuda_decode_out_of_range_is_nan_and_autograd():
     levels = (8, 5, 5, 5)
@@ -416,3 +439,39 @@ def test_backward_ops_check_gradient_shape_and_dtype():
         torch.ops.fsq.residual_quantize_backward(torch.randn(2, 4), z, levels, 2, True, None, False, None, rtable)
     with pytest.raises(TypeError, match=r"grad_out must have the dtype of x \(Float\), got BFloat16"):
         torch.ops.fsq.residual_quantize_backward(z.bfloat16(), z, levels, 2, True, None, False, None, rtable)
+
+
+def _cuobjdump():
+    import shutil
+
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
+@pytest.mark.skipif(not native.with_cuda() or _cuobjdump() is None, reason="extension built without CUDA, or no cuobjdump")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_rows_are_read_with_vector_loads(arch):
+    """Static check of the built extension (no GPU needed): the forward and backward kernels have
+    a 64-bit vector load path (8-byte rows: [8,5,5,5] in bfloat16/float16) and a 128-bit one
+    (16-byte rows: [8,5,5,5] in float32), in the SASS."""
+    import subprocess
+
+    from fsq_kernels import _C
+
+    sass = subprocess.run([_cuobjdump(), "-sass", "-arch", arch, _C.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    functions = {chunk.split("\n", 1)[0].strip(): chunk for chunk in sass.split("Function : ")[1:]}
+    for kernel in ("fsq_forward_kernel", "fsq_backward_kernel"):
+        for dtype in ("IN3c108BFloat16EE", "IN3c104HalfEE", "IfE"):  # mangled template arguments
+            bodies = [b for name, b in functions.items() if kernel + dtype in name]
+            assert len(bodies) == 1, (kernel, dtype, list(functions))
+            assert "LDG.E.128" in bodies[0], (kernel, dtype)
+            if dtype != "IfE":
+                assert "LDG.E.64" in bodies[0], (kernel, dtype)

@@ -209,3 +209,54 @@ def test_fuzz_codes_indices_consistent(levels, variant, seed):
     assert indices.min() >= 0 and indices.max() < math.prod(levels)
     torch.testing.assert_close(reference.indices_to_codes(indices, levels, variant=variant, dtype=torch.float64), codes, rtol=0, atol=0)
     assert torch.equal(reference.codes_to_indices(codes, levels, variant=variant), indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hard_clamp", [False, True])
+def test_symmetric_even_levels_tiny_negative_goes_down(dtype, hard_clamp):
+    """symmetric, even L: the middle boundary is exactly 0 and ties go up, so -5e-17 < z < 0 is
+    below it. tanh(z) + 1 rounds to 1 there, which made the bound-rounding reference go up."""
+    z = torch.tensor([[-4e-17, -1e-30, 0.0, 1e-30, 4e-17]], dtype=torch.float64).T.to(dtype)
+    _, idx = reference.quantize(z, [4], variant="symmetric", hard_clamp=hard_clamp)
+    assert all(float(v) != 0 for v in z[[0, 1, 3, 4], 0])  # the tiny values survive the cast
+    assert idx.tolist() == [1, 1, 2, 2, 2]
+
+
+def test_comparison_boundaries_are_rounded_in_the_comparison_direction():
+    """float32 boundaries: down for > (paper/atanh), up for >= (symmetric), each a float32 value
+    within one float32 step of the float64 boundary."""
+    import struct
+
+    for variant, hc in [("paper", False), ("atanh", True), ("symmetric", False), ("symmetric", True)]:
+        k0, rows = reference.comparison_boundaries((8, 5, 3), variant, hc, torch.float32)
+        assert k0 == [0, 0, 0]
+        for row32, row64 in zip(rows, reference.level_boundaries((8, 5, 3), variant, hc)):
+            for t32, t64 in zip(row32, row64):
+                assert struct.unpack("<f", struct.pack("<f", t32))[0] == t32
+                assert (t32 >= t64 if variant == "symmetric" else t32 <= t64) or abs(t32 - t64) < 1e-15
+                assert abs(t32 - t64) <= 2 ** -23 * max(abs(t64), 2 ** -126)
+
+
+def test_residual_active_stages_tensor_needs_no_host_sync():
+    """Quantize dropout as a 0-d tensor: masked with tensor ops (no .item(), so compile/export can
+    trace it), same result as an int, -1 for dropped stages, no dependence on x with 0 stages."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoItem(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func is not torch.ops.aten._local_scalar_dense.default, "host sync (.item())"
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    for active in (0, 2, 4):
+        with NoItem():
+            out, idx = reference.residual_quantize(x, (8, 5, 5, 5), 4, active_stages=torch.tensor(active))
+        out_int, idx_int = reference.residual_quantize(x, (8, 5, 5, 5), 4, active_stages=active)
+        assert torch.equal(idx, idx_int) and torch.equal(out, out_int)
+        assert (idx[:, active:] == -1).all() and (idx[:, :active] >= 0).all()
+    xn = x.detach().clone()
+    xn[0, 0] = float("nan")
+    xn.requires_grad_(True)
+    out, _ = reference.residual_quantize(xn, (8, 5, 5, 5), 4, soft_clamp=[1.2] * 4, active_stages=torch.tensor(0))
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(xn.grad, torch.zeros_like(xn))

@@ -392,6 +392,47 @@ def test_constexpr_boundaries_are_the_table(variant, hc):
         assert all(math.isfinite(t) for row in rows for t in row)
 
 
+def test_launchers_run_on_the_tensors_device(monkeypatch):
+    """Every launch sits in a device guard for its input's device (multi-GPU: not the current
+    device); on_device picks torch.cuda.device for CUDA tensors and nothing otherwise."""
+    import contextlib
+    import types
+
+    from fsq_kernels.triton import residual as R
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: entered.append(dev) or contextlib.nullcontext())
+    K.on_device(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    K.on_device(torch.empty(1))
+    assert entered == [torch.device("cuda", 1)]
+
+    guarded = []
+
+    def recording_guard(t):
+        guarded.append(t.device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(K, "on_device", recording_guard)
+    monkeypatch.setattr(R, "on_device", recording_guard)
+
+    def capture(kernel):
+        class _Grid:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: None
+        return _Grid()
+
+    z = torch.empty(16, 4, device="meta")
+    cst = _cst((8, 5, 5, 5), "paper", False)
+    K.fsq_forward(z, cst, K.PAPER, False, False, 1, True, wrap=capture)
+    K.fsq_backward(z, z, cst, K.PAPER, False, False, 1, wrap=capture)
+    K.fsq_decode(torch.empty(16, dtype=torch.int32, device="meta"), cst, K.PAPER, False, 1, wrap=capture)
+    rtable = tables.residual_table((8, 5, 5, 5), 2, True, torch.float32)
+    rcst = triton_backend.payload((8, 5, 5, 5), "symmetric", True, tuple(rtable), None, 2)
+    R.residual_forward(z, rcst, True, False, None, wrap=capture)
+    R.residual_backward(z, z, rcst, True, False, None, wrap=capture)
+    assert guarded == [torch.device("meta")] * 5
+
+
 def test_opcheck():
     z = _z((2, 8, 2, 3), torch.float32, seed=2).requires_grad_(True)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")

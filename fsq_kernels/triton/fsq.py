@@ -37,6 +37,7 @@ Design (see docs/design.md for the math contract):
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -388,14 +389,6 @@ def _identity(kernel):
     return kernel
 
 
-def _contig_strides(shape):
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= max(int(s), 1)
-    return list(reversed(strides))
-
-
 def _collapse(sizes, stride_lists):
     """Drop size-1 unit dims and merge neighbours that are collapsible in every tensor."""
     dims = [(s, [sl[i] for sl in stride_lists]) for i, s in enumerate(sizes) if s != 1]
@@ -493,6 +486,11 @@ class Geometry:
         return dict(N_OUTER=self.n_outer, I64=self.i64, D_PAD=self.d_pad, BLOCK=self.block)
 
 
+def on_device(t: torch.Tensor):
+    """Launch on t's device (a CUDA device guard), not on whatever device is current."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def plan(make, d, block_elems=2048):
     """Geometry of the operands that make(copy) describes ((sizes, operands, numel, tensors));
     layouts with more than MAX_OUTER + 1 non-collapsible unit dims are retried as contiguous
@@ -531,19 +529,20 @@ def fsq_forward(z: torch.Tensor, cst: dict, variant: int, hard_clamp: bool, chan
         return zu[0], [zu, cu, iu], zz.numel(), (zz, cc)
 
     geo, (zz, codes) = plan(make, d)
-    wrap(_fsq_fwd_kernel)[geo.grid](
-        zz, codes, idx,
-        geo.n_inner, geo.n_o1, geo.n_o2,
-        *geo.operand(0), *geo.operand(1), *geo.operand(2, channel=False),
-        LEVELS=levels, HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"], IN_SCALE=cst["IN_SCALE"],
-        BASIS=cst["BASIS"], BOUNDS=cst["BOUNDS"], MAX_B=cst["MAX_B"],
-        VARIANT=variant, HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
-        WRITE_INDEX=bool(return_indices), INDEX_64=cst["INDEX_64"],
-        Z_IN_ONE=geo.flags[0][0], Z_IN_CONST=geo.flags[0][1], Z_C_ONE=geo.flags[0][2],
-        C_IN_ONE=geo.flags[1][0], C_IN_CONST=geo.flags[1][1], C_C_ONE=geo.flags[1][2],
-        I_IN_ONE=geo.flags[2][0],
-        D=d, **geo.common(), num_warps=4,
-    )
+    with on_device(zz):  # the tensor's device, not the current one
+        wrap(_fsq_fwd_kernel)[geo.grid](
+            zz, codes, idx,
+            geo.n_inner, geo.n_o1, geo.n_o2,
+            *geo.operand(0), *geo.operand(1), *geo.operand(2, channel=False),
+            LEVELS=levels, HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"], IN_SCALE=cst["IN_SCALE"],
+            BASIS=cst["BASIS"], BOUNDS=cst["BOUNDS"], MAX_B=cst["MAX_B"],
+            VARIANT=variant, HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
+            WRITE_INDEX=bool(return_indices), INDEX_64=cst["INDEX_64"],
+            Z_IN_ONE=geo.flags[0][0], Z_IN_CONST=geo.flags[0][1], Z_C_ONE=geo.flags[0][2],
+            C_IN_ONE=geo.flags[1][0], C_IN_CONST=geo.flags[1][1], C_C_ONE=geo.flags[1][2],
+            I_IN_ONE=geo.flags[2][0],
+            D=d, **geo.common(), num_warps=4,
+        )
     return codes, (idx if return_indices else None)
 
 
@@ -564,17 +563,18 @@ def fsq_backward(grad_codes: torch.Tensor, z: torch.Tensor, cst: dict, variant: 
 
     geo, (zz, gg, grad_z) = plan(make, d)
     zf, gf, of = geo.flags
-    wrap(_fsq_bwd_kernel)[geo.grid](
-        zz, gg, grad_z,
-        geo.n_inner, geo.n_o1, geo.n_o2,
-        *geo.operand(0), *geo.operand(1), *geo.operand(2),
-        SHIFT=cst["SHIFT"], GRAD_SCALE=cst["GRAD_SCALE"], IN_SCALE=cst["IN_SCALE"],
-        VARIANT=variant, HARD_CLAMP=bool(hard_clamp),
-        Z_IN_ONE=zf[0], Z_IN_CONST=zf[1], Z_C_ONE=zf[2],
-        G_IN_ONE=gf[0], G_IN_CONST=gf[1], G_C_ONE=gf[2],
-        O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
-        D=d, **geo.common(), num_warps=4,
-    )
+    with on_device(zz):  # the tensor's device, not the current one
+        wrap(_fsq_bwd_kernel)[geo.grid](
+            zz, gg, grad_z,
+            geo.n_inner, geo.n_o1, geo.n_o2,
+            *geo.operand(0), *geo.operand(1), *geo.operand(2),
+            SHIFT=cst["SHIFT"], GRAD_SCALE=cst["GRAD_SCALE"], IN_SCALE=cst["IN_SCALE"],
+            VARIANT=variant, HARD_CLAMP=bool(hard_clamp),
+            Z_IN_ONE=zf[0], Z_IN_CONST=zf[1], Z_C_ONE=zf[2],
+            G_IN_ONE=gf[0], G_IN_CONST=gf[1], G_C_ONE=gf[2],
+            O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
+            D=d, **geo.common(), num_warps=4,
+        )
     return grad_z
 
 
@@ -598,14 +598,15 @@ def fsq_decode(indices: torch.Tensor, cst: dict, variant: int, channel_first: bo
 
     geo, (ii,) = plan(make, d)
     of = geo.flags[1]
-    wrap(_fsq_decode_kernel)[geo.grid](
-        ii, out,
-        geo.n_inner, geo.n_o1, geo.n_o2,
-        *geo.operand(0, channel=False), *geo.operand(1),
-        LEVELS=levels, BASIS=cst["BASIS"], NUM_CODES=cst["NUM_CODES"],
-        VARIANT=variant, DIV_64=cst["INDEX_64"],
-        I_IN_ONE=geo.flags[0][0],
-        O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
-        D=d, **geo.common(), num_warps=4,
-    )
+    with on_device(ii):  # the tensor's device, not the current one
+        wrap(_fsq_decode_kernel)[geo.grid](
+            ii, out,
+            geo.n_inner, geo.n_o1, geo.n_o2,
+            *geo.operand(0, channel=False), *geo.operand(1),
+            LEVELS=levels, BASIS=cst["BASIS"], NUM_CODES=cst["NUM_CODES"],
+            VARIANT=variant, DIV_64=cst["INDEX_64"],
+            I_IN_ONE=geo.flags[0][0],
+            O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
+            D=d, **geo.common(), num_warps=4,
+        )
     return out

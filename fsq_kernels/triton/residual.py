@@ -53,6 +53,7 @@ from .fsq import (
     _tanh,
     _unit_offsets,
     index_units,
+    on_device,
     plan,
     z_units,
 )
@@ -279,17 +280,18 @@ def residual_forward(x: torch.Tensor, cst: dict, hard_clamp: bool, channel_first
 
     geo, (xx, out) = plan(make, d, BLOCK_ELEMS)
     xf, of, idf = geo.flags
-    wrap(_residual_fwd_kernel)[geo.grid](
-        xx, out, idx,
-        xx if active_stages is None else active_stages,
-        geo.n_inner, geo.n_o1, geo.n_o2,
-        *geo.operand(0), *geo.operand(1), *geo.operand(2),
-        BASIS=cst["BASIS"], S_PAD=triton.next_power_of_2(q),
-        X_IN_ONE=xf[0], X_IN_CONST=xf[1], X_C_ONE=xf[2],
-        O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
-        I_IN_ONE=idf[0], I_IN_CONST=idf[1], I_C_ONE=idf[2],
-        D=d, **_constexprs(cst, hard_clamp, active_stages), **geo.common(), num_warps=4,
-    )
+    with on_device(xx):  # the tensor's device, not the current one
+        wrap(_residual_fwd_kernel)[geo.grid](
+            xx, out, idx,
+            xx if active_stages is None else active_stages,
+            geo.n_inner, geo.n_o1, geo.n_o2,
+            *geo.operand(0), *geo.operand(1), *geo.operand(2),
+            BASIS=cst["BASIS"], S_PAD=triton.next_power_of_2(q),
+            X_IN_ONE=xf[0], X_IN_CONST=xf[1], X_C_ONE=xf[2],
+            O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
+            I_IN_ONE=idf[0], I_IN_CONST=idf[1], I_C_ONE=idf[2],
+            D=d, **_constexprs(cst, hard_clamp, active_stages), **geo.common(), num_warps=4,
+        )
     return out, idx
 
 
@@ -310,14 +312,15 @@ def residual_backward(grad_out: torch.Tensor, x: torch.Tensor, cst: dict, hard_c
 
     geo, (xx, gg, grad_x) = plan(make, d, BLOCK_ELEMS)
     xf, gf, of = geo.flags
-    wrap(_residual_bwd_kernel)[geo.grid](
-        xx, gg, grad_x,
-        xx if active_stages is None else active_stages,
-        geo.n_inner, geo.n_o1, geo.n_o2,
-        *geo.operand(0), *geo.operand(1), *geo.operand(2),
-        X_IN_ONE=xf[0], X_IN_CONST=xf[1], X_C_ONE=xf[2],
-        G_IN_ONE=gf[0], G_IN_CONST=gf[1], G_C_ONE=gf[2],
-        O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
-        D=d, **_constexprs(cst, hard_clamp, active_stages), **geo.common(), num_warps=4,
-    )
+    with on_device(xx):  # the tensor's device, not the current one
+        wrap(_residual_bwd_kernel)[geo.grid](
+            xx, gg, grad_x,
+            xx if active_stages is None else active_stages,
+            geo.n_inner, geo.n_o1, geo.n_o2,
+            *geo.operand(0), *geo.operand(1), *geo.operand(2),
+            X_IN_ONE=xf[0], X_IN_CONST=xf[1], X_C_ONE=xf[2],
+            G_IN_ONE=gf[0], G_IN_CONST=gf[1], G_C_ONE=gf[2],
+            O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
+            D=d, **_constexprs(cst, hard_clamp, active_stages), **geo.common(), num_warps=4,
+        )
     return grad_x
