@@ -45,7 +45,7 @@ class BaseUNet(nn.Module):
     the code.
 
     The code arrives as (B, code_dim, h, w) with a kept mask (B, h, w); both are read by a 1x1 conv
-    and upsampled (nearest) to the bottleneck grid. About 200k parameters at width 32."""
+    and upsampled (nearest) to the bottleneck grid. About 217k parameters at width 32."""
 
     def __init__(self, x_channels: int, out_channels: int, code_dim: int, width: int = 32):
         super().__init__()

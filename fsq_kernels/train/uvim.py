@@ -52,7 +52,7 @@ class UViMConfig:
     num_train: int = 10000
     num_val: int = 256              # in-training evaluation (val split)
     num_test: int = 1024            # final evaluation (test split): 16,384 code tokens
-    width: int = 32                 # base U-Net width (about 200k parameters at 32)
+    width: int = 32                 # base U-Net width (about 217k parameters at 32)
     oracle_width: int = 32
     vq_dim: int = 16                # code dimension of both VQs
     vq_decay: float = 0.99          # UViM VQ: EMA decay of the dictionary
