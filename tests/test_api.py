@@ -7,7 +7,7 @@ import torch
 
 import fsq_kernels
 
-from .conftest import VARIANT_CLAMPS, assert_matches_reference, expected_grad, GRAD_TOLERANCE
+from .conftest import VARIANT_CLAMPS, assert_matches_reference, backend_params, expected_grad, GRAD_TOLERANCE
 
 LEVELS = (8, 5, 5, 5)
 
@@ -40,19 +40,20 @@ def test_shapes(shape, channel_first, num_codebooks, index_shape):
     assert none is None and torch.equal(codes_only, codes)
 
 
-@pytest.mark.parametrize("backend", fsq_kernels.available_backends())
+@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("variant,hard_clamp", VARIANT_CLAMPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_backend_matches_reference(backend, variant, hard_clamp, dtype):
-    """A small smoke matrix over every available backend; each backend has its own full suite."""
-    z = (torch.randn(2, 8, 3, 5) * 2).to(dtype).requires_grad_(True)
+def test_every_backend_matches_reference(backend, device, variant, hard_clamp, dtype):
+    """A small smoke matrix over every available backend, on the device it runs on; each backend
+    has its own full suite."""
+    z = (torch.randn(2, 8, 3, 5) * 2).to(dtype).to(device).requires_grad_(True)
     codes, indices = fsq_kernels.quantize(
         z, LEVELS, variant=variant, hard_clamp=hard_clamp, channel_first=True, num_codebooks=2, backend=backend
     )
     assert_matches_reference(codes, indices, z, LEVELS, variant=variant, hard_clamp=hard_clamp, channel_first=True, num_codebooks=2)
     (grad,) = torch.autograd.grad(codes.float().sum(), z)
     want = expected_grad(z, LEVELS, variant, hard_clamp, True, 2).to(dtype)
-    torch.testing.assert_close(grad, want, **GRAD_TOLERANCE[dtype])
+    torch.testing.assert_close(grad.cpu(), want, **GRAD_TOLERANCE[dtype])
     decoded = fsq_kernels.indices_to_codes(indices, LEVELS, variant=variant, channel_first=True, num_codebooks=2, backend=backend)
     assert torch.equal(fsq_kernels.codes_to_indices(decoded, LEVELS, variant=variant, channel_first=True, num_codebooks=2), indices)
 

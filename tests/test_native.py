@@ -23,6 +23,7 @@ from .conftest import (
     VARIANT_CLAMPS,
     assert_matches_reference,
     expected_grad,
+    on_device,
 )
 
 
@@ -368,7 +369,7 @@ def test_cuda_matches_cpu(case, variant, hard_clamp):
         pytest.skip("large-L case only for paper")
     z, channel_first = make_z(layout, 1003, len(levels) * num_codebooks, dtype, seed=5, scale=2.0)
     inject_specials(z, levels, variant, hard_clamp, channel_first)
-    zc = z.cuda()
+    zc = on_device(z, "cuda")  # the same (possibly non-dense) view, so the strided CUDA paths run
     args = (levels, variant, hard_clamp, channel_first, num_codebooks)
     codes, indices = native.quantize(z, *args, True)
     codes_c, indices_c = native.quantize(zc, *args, True)

@@ -21,7 +21,14 @@ import fsq_kernels
 from fsq_kernels import reference
 from fsq_kernels.ops import native, tables
 
-from .conftest import GRAD_TOLERANCE, assert_residual_consistent, assert_residual_parity, residual_stage_inputs, residual_windows
+from .conftest import (
+    GRAD_TOLERANCE,
+    assert_residual_consistent,
+    assert_residual_parity,
+    on_device,
+    residual_stage_inputs,
+    residual_windows,
+)
 
 pytestmark = pytest.mark.skipif(not native.is_available("cpu"), reason="fsq_kernels._C is not built")
 
@@ -422,7 +429,7 @@ def test_cuda_matches_cpu(hc, soft, layout, dtype):
     x[1, 1] = float("inf")
     q, active = 8, 6
     out, idx = _rq(x, LEVELS, q, hc, soft, cf, active)
-    xc = x.cuda().requires_grad_(True)
+    xc = on_device(x, "cuda").requires_grad_(True)  # the same view: the strided CUDA paths run
     out_c, idx_c = _rq(xc, LEVELS, q, hc, soft, cf, active)
     assert out_c.stride() == torch.empty_like(xc).stride() and idx_c.shape == idx.shape
     assert_residual_consistent(idx_c.cpu(), x, LEVELS, soft_clamp=soft, hard_clamp=hc, channel_first=cf)

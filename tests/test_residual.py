@@ -9,7 +9,7 @@ import fsq_kernels
 from fsq_kernels import reference
 from fsq_kernels.compat.vector_quantize_pytorch import GroupedResidualFSQ, ResidualFSQ
 
-from .conftest import GRAD_TOLERANCE, assert_residual_consistent, assert_residual_parity
+from .conftest import GRAD_TOLERANCE, assert_residual_consistent, assert_residual_parity, backend_params
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
@@ -121,14 +121,14 @@ def expected_residual_grad(x, levels, num_stages, soft_clamp, indices, channel_f
     return grad, uncertain
 
 
-@pytest.mark.parametrize("backend", fsq_kernels.available_backends("residual_quantize"))
+@pytest.mark.parametrize("backend,device", backend_params("residual_quantize"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channel_first", [False, True])
 @pytest.mark.parametrize("num_stages,active", [(4, 4), (8, 8), (6, 3)])
-def test_residual_backends(backend, dtype, channel_first, num_stages, active):
+def test_residual_backends(backend, device, dtype, channel_first, num_stages, active):
     soft_clamp = reference.residual_soft_clamp(LEVELS)
     shape = (2, 4, 5, 7) if channel_first else (3, 33, 4)
-    x = (torch.randn(shape) * 1.5).to(dtype).requires_grad_(True)
+    x = (torch.randn(shape) * 1.5).to(dtype).to(device).requires_grad_(True)
     out, idx = fsq_kernels.residual_quantize(
         x, LEVELS, num_stages, soft_clamp=soft_clamp, channel_first=channel_first, active_stages=active, backend=backend
     )
@@ -148,7 +148,7 @@ def test_residual_backends(backend, dtype, channel_first, num_stages, active):
     # almost every element is certain.
     if active <= 4:
         assert uncertain.float().mean() < 0.05
-    torch.testing.assert_close(grad[~uncertain], want.to(dtype)[~uncertain], **GRAD_TOLERANCE[dtype])
+    torch.testing.assert_close(grad.cpu()[~uncertain], want.to(dtype)[~uncertain], **GRAD_TOLERANCE[dtype])
 
 
 def test_residual_errors():
