@@ -43,6 +43,7 @@ PRESETS = {
     "residual": (("forward", "forward+backward"), ("fp32",), ((8, 5, 5, 5),), ("channel-last",), (14, 20), (4, 8), 5),
     "full": (MODES, ("fp32", "bf16"), LEVEL_SETS, LAYOUTS, (10, 14, 18, 22), (0, 4, 8), 7),
     "module": ((), (), (), (), (), (), 7),
+    "usage": ((), (), (), (), (), (), 7),  # the fused usage histogram's row: benchmarks/usage.py
 }
 # The module row: FSQ([8,5,5,5], dim=256) with its projections, forward+backward at 2^16 tokens,
 # eager and torch.compile'd, ours against vector-quantize-pytorch; in these presets:
@@ -247,6 +248,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     preset = "quick" if args.quick else (args.preset or "full")
+    if preset == "usage":
+        from .usage import main as usage_main
+
+        usage_main(["--out", args.out] + (["--reps", str(args.reps)] if args.reps else []))
+        return
     modes, dtypes, level_sets, layouts, log2_sizes, stage_counts, reps = PRESETS[preset]
     reps = args.reps or reps
     device = "cuda" if torch.cuda.is_available() else "cpu"

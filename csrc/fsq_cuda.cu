@@ -684,3 +684,4 @@ TORCH_LIBRARY_IMPL(fsq, CUDA, m) {
 }  // namespace fsq
 
 #include "fsq_dither_cuda.inc"  // the fused dither (issue 16)
+#include "fsq_usage_cuda.inc"   // the fused codebook-usage histogram (issue 16)

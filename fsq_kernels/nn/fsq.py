@@ -32,6 +32,9 @@ class FSQ(nn.Module):
         tanh(z) or the code; always on in training). Both need the "symmetric" variant; indices
         always describe the noiseless code. The noise comes from the device's torch generator
         (torch.manual_seed reproduces it).
+      track_usage: accumulate, in training mode, a per-code histogram of the indices in one fused
+        kernel on the device (no host sync per step; codebooks up to 2^24 codes):
+        `usage_counts` (num_codebooks, codebook_size), `usage()`, `perplexity()`, `reset_usage()`.
 
     forward(z) -> (out, indices). z is channel-last (..., dim), or (B, dim, ...) when
     channel_first=True. The quantizer always computes in float32 (float64 for float64 input)
@@ -59,6 +62,7 @@ class FSQ(nn.Module):
         variant: str | None = None,
         backend: str = "auto",
         dither: str = "peer",
+        track_usage: bool = False,
     ):
         super().__init__()
         caller = "FSQ"
@@ -111,6 +115,14 @@ class FSQ(nn.Module):
         self.allowed_dtypes = allowed_dtypes
         self.force_quantization_f32 = force_quantization_f32
         self.codebook_size = math.prod(levels)
+        self.track_usage = bool(track_usage)
+        if self.track_usage:
+            if not return_indices or self.codebook_size > reference.MAX_MATERIALIZED_CODEBOOK:
+                raise ValueError(f"{caller}: track_usage=True needs return_indices=True and at most "
+                                 f"{reference.MAX_MATERIALIZED_CODEBOOK} codes; got return_indices={return_indices}, "
+                                 f"codebook_size={self.codebook_size}")
+            self.register_buffer("usage_counts", torch.zeros(num_codebooks, self.codebook_size, dtype=torch.int64),
+                                 persistent=False)
 
         self.has_projections = self.dim != self.effective_codebook_dim
         if self.has_projections:
@@ -208,6 +220,8 @@ class FSQ(nn.Module):
                 )
             if self.orthogonal_rotation:
                 codes = self._rotate(codes, self.orthogonal_rot.t())
+        if self.track_usage and self.training:
+            ops.accumulate_usage(indices, self.usage_counts, backend=self.backend)
 
         out = self.project_out(codes)
         if channel_first and not direct:
@@ -218,3 +232,23 @@ class FSQ(nn.Module):
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         return self._forward(z, self.channel_first)
+
+    # -- usage statistics (track_usage=True) ----------------------------------------------------
+
+    def reset_usage(self) -> None:
+        self.usage_counts.zero_()
+
+    def _counts(self, all_reduce: bool) -> Tensor:
+        counts = self.usage_counts
+        if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts)  # on request only, never per step
+        return counts
+
+    def usage(self, all_reduce: bool = False) -> Tensor:
+        """Fraction of each codebook's codes seen since reset_usage(), (num_codebooks,) float32."""
+        return ops.usage_fraction(self._counts(all_reduce))
+
+    def perplexity(self, all_reduce: bool = False) -> Tensor:
+        """exp(entropy) of each codebook's code distribution since reset_usage(), (num_codebooks,)."""
+        return ops.perplexity(self._counts(all_reduce))

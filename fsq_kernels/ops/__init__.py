@@ -22,7 +22,8 @@ from .backends import BACKENDS, available_backends, resolve  # noqa: F401  (BACK
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = [
-    "available_backends", "codes_to_indices", "dither", "indices_to_codes", "quantize", "residual_quantize",
+    "accumulate_usage", "available_backends", "codes_to_indices", "dither", "indices_to_codes", "perplexity",
+    "quantize", "residual_quantize", "usage_fraction",
     "validate_levels",
 ]
 
@@ -269,3 +270,4 @@ def residual_quantize(
 
 
 from .dither_ops import dither  # noqa: E402  (issue 16; uses the validators above)
+from .usage_ops import accumulate_usage, perplexity, usage_fraction  # noqa: E402  (issue 16)
