@@ -85,6 +85,13 @@ def backend_params(op: str = "quantize") -> list:
     return params
 
 
+def cpu_backends(op: str = "quantize") -> list[str]:
+    """The backends available here that take CPU tensors in this run (see backend_device)."""
+    import fsq_kernels
+
+    return [name for name in fsq_kernels.available_backends(op) if backend_device(name).type == "cpu"]
+
+
 def on_device(t: torch.Tensor, device) -> torch.Tensor:
     """t's values on `device` with t's exact strides and storage offset: a non-dense or
     overlapping view stays one there (`t.cuda()` would make it dense and contiguous)."""

@@ -7,7 +7,7 @@ import torch
 
 import fsq_kernels
 
-from .conftest import VARIANT_CLAMPS, assert_matches_reference, backend_params, expected_grad, GRAD_TOLERANCE
+from .conftest import GRAD_TOLERANCE, VARIANT_CLAMPS, assert_matches_reference, backend_device, backend_params, expected_grad
 
 LEVELS = (8, 5, 5, 5)
 
@@ -160,8 +160,9 @@ def test_backend_errors():
     with pytest.raises(ValueError, match=r"backend 'cuda' is not available for a tensor on device 'cpu'"):
         fsq_kernels.quantize(z, LEVELS, backend="cuda")
     if "triton" in fsq_kernels.available_backends():
+        z64 = z.double().to(backend_device("triton"))
         with pytest.raises(TypeError, match="backend 'triton' supports float16, bfloat16 and float32 inputs; got torch.float64"):
-            fsq_kernels.quantize(z.double(), LEVELS, backend="triton")
+            fsq_kernels.quantize(z64, LEVELS, backend="triton")
 
 
 def test_module_input_on_another_device_is_a_value_error():

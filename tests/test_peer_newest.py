@@ -11,15 +11,19 @@ import fsq_kernels
 from fsq_kernels.compat.vector_quantize_pytorch import FSQ as CompatFSQ
 from fsq_kernels.compat.vector_quantize_pytorch import GroupedResidualFSQ, ResidualFSQ
 
+from .conftest import cpu_backends
+
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
-RESIDUAL_BACKENDS = fsq_kernels.available_backends("residual_quantize")
+# CPU tensors throughout (the peer is the oracle there); device paths: the sweep and `check`.
+BACKENDS = cpu_backends()
+RESIDUAL_BACKENDS = cpu_backends("residual_quantize")
 
 
 # -- orthogonal rotation: indices -> codes -> indices and forward -> codes -> indices, exactly ---------
 
 
-@pytest.mark.parametrize("backend", fsq_kernels.available_backends())
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "module,kwargs",
     [
