@@ -129,7 +129,7 @@ def _lane_int(VALS: tl.constexpr, lane, D: tl.constexpr, D_PAD: tl.constexpr, DT
 def _level_index(z, lane, L_i, LEVELS: tl.constexpr, HALF_L: tl.constexpr, OFFSET: tl.constexpr,
                  SHIFT: tl.constexpr, BOUNDS: tl.constexpr, MAX_B: tl.constexpr,
                  VARIANT: tl.constexpr, HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr,
-                 D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, IN_SCALE: tl.constexpr = ()):
+                 D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, IN_SCALE: tl.constexpr):
     """Level index k in [0, L-1] ([BLOCK, D_PAD] int32) of float32 z; NaN gives 0 (callers
     mark NaN themselves).  Shared by the FSQ forward and the residual kernels. IN_SCALE: the
     table's input_scale (ifsq's tanh path: tanh(0.8 z))."""

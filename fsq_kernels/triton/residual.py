@@ -91,20 +91,15 @@ def _soft_clamp(x, lane, SOFT: tl.constexpr, USE_SOFT: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _stage(residual, scale, lane, lane_ok, L_i,
-           LEVELS: tl.constexpr, HALF_L: tl.constexpr, OFFSET: tl.constexpr, SHIFT: tl.constexpr,
-           BOUNDS: tl.constexpr, MAX_B: tl.constexpr, HARD_CLAMP: tl.constexpr,
-           USE_CMP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """One symmetric stage: (y = residual / scale, level index k, stage output code * scale)."""
-    y = tl.div_rn(residual, scale)
-    k = _level_index(y, lane, L_i, LEVELS, HALF_L, OFFSET, SHIFT, BOUNDS, MAX_B,
-                     SYMMETRIC, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK)
+def _stage_output(k, scale, L_i, lane_ok):
+    """A symmetric stage's output code * scale from its level index k. (The kernels compute
+    y = residual / scale and k themselves: triton 3.6 drops the constexpr-ness of the boundary
+    tuple when it passes through two levels of jit calls.)"""
     L_max = (L_i - 1)[None, :]
     den = tl.where(lane_ok[None, :], L_max, 1)  # padding lanes: no 0/0
     code = tl.div_rn((2 * k - L_max).to(tl.float32), den.to(tl.float32))
     # fma(., ., +0) is the rounded product, and it cannot be contracted into the next add/sub
-    stage_out = tl.fma(code, scale, 0.0)
-    return y, k, stage_out
+    return tl.fma(code, scale, 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +118,16 @@ def _active_stages(active_ptr, HAS_ACTIVE: tl.constexpr, NUM_STAGES: tl.constexp
 
 
 @triton.jit
+def _stage_scale(SCALES: tl.constexpr, s: tl.constexpr, lane, D: tl.constexpr, D_PAD: tl.constexpr):
+    """Stage s's per-channel scales ([D_PAD], 1 in padding lanes) from the stage-major flat tuple
+    SCALES (flat because triton 3.6 cannot index a row of a nested constexpr tuple)."""
+    v = tl.full([D_PAD], 1.0, tl.float32)
+    for i in tl.static_range(D):
+        v = tl.where(lane == i, SCALES[s * D + i], v)
+    return v
+
+
+@triton.jit
 def _residual_fwd_kernel(
     x_ptr, out_ptr, idx_ptr,
     active_ptr,
@@ -131,6 +136,7 @@ def _residual_fwd_kernel(
     os_in, os_o0, os_o1, os_o2, os_c,
     is_in, is_o0, is_o1, is_o2, is_c,
     LEVELS: tl.constexpr, HALF_L: tl.constexpr, OFFSET: tl.constexpr, SHIFT: tl.constexpr,
+    IN_SCALE: tl.constexpr,
     BASIS: tl.constexpr, BOUNDS: tl.constexpr, MAX_B: tl.constexpr,
     HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr,
     SCALES: tl.constexpr, SOFT: tl.constexpr, USE_SOFT: tl.constexpr,
@@ -164,16 +170,21 @@ def _residual_fwd_kernel(
     residual = h
     out = tl.zeros([BLOCK, D_PAD], tl.float32)
     indices = tl.full([BLOCK, S_PAD], -1, IDT)  # dropped stages keep -1
+    # Every stage is computed and a dropped one masked out (not skipped with a run-time `if`:
+    # triton 3.6 cannot pass constexpr tuples into calls inside one). Without quantize dropout
+    # `keep` is a compile-time True and the masks fold away.
     for s in tl.static_range(NUM_STAGES):
-        if s < active_stages:
-            scale = _lane_f32(SCALES[s], lane, D, D_PAD, 1.0)[None, :]
-            y, k, stage_out = _stage(residual, scale, lane, lane_ok, L_i, LEVELS, HALF_L, OFFSET,
-                                     SHIFT, BOUNDS, MAX_B, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK)
-            residual = residual - stage_out
-            out = out + stage_out
-            idx_s = tl.sum(tl.where(mask, k.to(IDT) * basis[None, :], 0), axis=1)
-            idx_s = tl.where(any_nan, -1, idx_s)
-            indices = tl.where(stage[None, :] == s, idx_s[:, None], indices)
+        keep = s < active_stages
+        scale = _stage_scale(SCALES, s, lane, D, D_PAD)[None, :]
+        y = tl.div_rn(residual, scale)
+        k = _level_index(y, lane, L_i, LEVELS, HALF_L, OFFSET, SHIFT, BOUNDS, MAX_B,
+                         SYMMETRIC, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK, IN_SCALE)
+        stage_out = tl.where(keep, _stage_output(k, scale, L_i, lane_ok), 0.0)
+        residual = residual - stage_out
+        out = out + stage_out
+        idx_s = tl.sum(tl.where(mask, k.to(IDT) * basis[None, :], 0), axis=1)
+        idx_s = tl.where(any_nan, -1, idx_s)
+        indices = tl.where((stage[None, :] == s) & keep, idx_s[:, None], indices)
     # NaN channels give NaN once a stage has run (code NaN in the reference); others stay finite
     out = tl.where(is_nan & (active_stages > 0), h, out)
 
@@ -196,6 +207,7 @@ def _residual_bwd_kernel(
     gs_in, gs_o0, gs_o1, gs_o2, gs_c,
     os_in, os_o0, os_o1, os_o2, os_c,
     LEVELS: tl.constexpr, HALF_L: tl.constexpr, OFFSET: tl.constexpr, SHIFT: tl.constexpr,
+    IN_SCALE: tl.constexpr,
     BOUNDS: tl.constexpr, MAX_B: tl.constexpr,
     HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr,
     SCALES: tl.constexpr, SOFT: tl.constexpr, USE_SOFT: tl.constexpr,
@@ -224,17 +236,20 @@ def _residual_bwd_kernel(
     L_i = _lane_int(LEVELS, lane, D, D_PAD, tl.int32)
     residual = h
     count = tl.zeros([BLOCK, D_PAD], tl.float32)  # sum over active stages of bound'(y_s)
-    for s in tl.static_range(NUM_STAGES):
-        if s < active_stages:
-            scale = _lane_f32(SCALES[s], lane, D, D_PAD, 1.0)[None, :]
-            y, k, stage_out = _stage(residual, scale, lane, lane_ok, L_i, LEVELS, HALF_L, OFFSET,
-                                     SHIFT, BOUNDS, MAX_B, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK)
-            if HARD_CLAMP:
-                count += tl.where((y > -1.0) & (y < 1.0), 1.0, 0.0)
-            else:
-                u = _one_minus_tanh_abs(y)
-                count += u * (2.0 - u)  # 1 - tanh^2 = (1 - |t|)(1 + |t|)
-            residual = residual - stage_out
+    for s in tl.static_range(NUM_STAGES):  # dropped stages masked, as in the forward
+        keep = s < active_stages
+        scale = _stage_scale(SCALES, s, lane, D, D_PAD)[None, :]
+        y = tl.div_rn(residual, scale)
+        k = _level_index(y, lane, L_i, LEVELS, HALF_L, OFFSET, SHIFT, BOUNDS, MAX_B,
+                         SYMMETRIC, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK, IN_SCALE)
+        stage_out = tl.where(keep, _stage_output(k, scale, L_i, lane_ok), 0.0)
+        if HARD_CLAMP:
+            bound_grad = tl.where((y > -1.0) & (y < 1.0), 1.0, 0.0)
+        else:
+            u = _one_minus_tanh_abs(y)
+            bound_grad = u * (2.0 - u)  # 1 - tanh^2 = (1 - |t|)(1 + |t|)
+        count += tl.where(keep, bound_grad, 0.0)
+        residual = residual - stage_out
     # As autograd of the reference: a NaN x gives NaN through the soft clamp or tanh stages and
     # 0 through hard-clamped stages alone (count stays 0); no active stage, no dependence on x.
     gx = tl.where(active_stages > 0, g * (dh * count), 0.0)
@@ -254,8 +269,9 @@ def _residual_bwd_kernel(
 def _constexprs(cst: dict, hard_clamp: bool, active_stages) -> dict:
     return dict(
         LEVELS=cst["LEVELS"], HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"],
+        IN_SCALE=cst["IN_SCALE"],
         BOUNDS=cst["BOUNDS"], MAX_B=cst["MAX_B"], HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
-        SCALES=cst["SCALES"], SOFT=cst["SOFT"], USE_SOFT=len(cst["SOFT"]) > 0,
+        SCALES=tuple(x for row in cst["SCALES"] for x in row), SOFT=cst["SOFT"], USE_SOFT=len(cst["SOFT"]) > 0,
         NUM_STAGES=len(cst["SCALES"]), HAS_ACTIVE=active_stages is not None,
     )
 
