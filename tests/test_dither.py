@@ -178,3 +178,20 @@ def test_errors_name_the_argument():
         ops.dither(codes, z, (5, 5, 5), p=0.5, key_offset=torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="dither"):
         fsq_kernels.FSQ([5, 5], dither="taae")
+
+
+@pytest.mark.parametrize("form", ["peer", "taae"])
+def test_compiles_fullgraph_and_matches_eager(form):
+    """torch.compile(fullgraph=True) traces the dither (and track_usage): same seed, same output."""
+    backend = "cpp" if "cpp" in FUSED else "reference"
+    fsq = fsq_kernels.FSQ([8, 5, 5, 5], preserve_symmetry=True, noise_dropout=0.5, dither=form, track_usage=True,
+                          backend=backend)
+    z = torch.randn(64, 4, requires_grad=True)
+    compiled = torch.compile(fsq, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    out, indices = compiled(z)
+    out.sum().backward()
+    torch.manual_seed(0)
+    eager_out, eager_indices = fsq(z)
+    assert torch.equal(out, eager_out) and torch.equal(indices, eager_indices)
+    assert int(fsq.usage_counts.sum()) == 2 * 64
