@@ -41,6 +41,7 @@ import fsq_kernels  # noqa: E402
 from fsq_kernels import reference  # noqa: E402
 from fsq_kernels.ops import tables  # noqa: E402
 from fsq_kernels.ops import triton as triton_backend  # noqa: E402
+from fsq_kernels.triton import common as triton_common  # noqa: E402
 from fsq_kernels.triton import fsq as K  # noqa: E402
 
 DEV = torch.device(TEST_DEVICE)
@@ -299,7 +300,7 @@ def test_int64_indices():
 @pytest.mark.parametrize("layout", ["cl_sliced", "cf4d_strided"])
 def test_int64_offset_path(layout, monkeypatch):
     """The 64-bit offset path (tensors past 2^31 elements) forced on a small tensor."""
-    monkeypatch.setattr(K, "_FORCE_I64", True)
+    monkeypatch.setattr(triton_common, "_FORCE_I64", True)
     levels = (8, 5, 5, 5)
     z, cf = _layout(layout, 4, torch.float32, seed=1)
     codes, idx = _check_forward(z, levels, "paper", False, cf)

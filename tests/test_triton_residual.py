@@ -40,7 +40,7 @@ import fsq_kernels  # noqa: E402
 from fsq_kernels import reference  # noqa: E402
 from fsq_kernels.ops import tables  # noqa: E402
 from fsq_kernels.ops import triton as triton_backend  # noqa: E402
-from fsq_kernels.triton import fsq as K  # noqa: E402
+from fsq_kernels.triton import common as triton_common  # noqa: E402
 from fsq_kernels.triton import residual as R  # noqa: E402
 
 # tanh from exp2 overflows to inf for large |x| on purpose (2 / (inf + 1) = 0)
@@ -269,7 +269,7 @@ def test_int64_indices():
 @pytest.mark.parametrize("layout", ["cl_sliced", "cf5d_strided"])
 def test_int64_offset_path(layout, monkeypatch):
     """The 64-bit offset path (tensors past 2^31 elements) forced on a small tensor."""
-    monkeypatch.setattr(K, "_FORCE_I64", True)
+    monkeypatch.setattr(triton_common, "_FORCE_I64", True)
     x, cf = _layout(layout, torch.float32, seed=1)
     _check(x, LEVELS, 4, True, PEER_SOFT, cf)
     cst = _cst(LEVELS, 4, True, PEER_SOFT)

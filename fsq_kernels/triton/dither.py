@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fsq import _cast_out, _one_minus_tanh_abs, _tanh
+from .common import _cast_out, _one_minus_tanh_abs, _tanh
 
 PEER, TAAE = 0, 1
 MODES = {"peer": PEER, "taae": TAAE}

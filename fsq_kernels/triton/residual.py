@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import shapes
-from .fsq import (
+from .common import (
     _cast_out,
     _identity,
     _lane_f32,
