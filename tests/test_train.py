@@ -77,6 +77,10 @@ def test_demo_tiny_end_to_end(tmp_path):
         assert os.path.getsize(os.path.join(out, f)) > 500
     lines = open(os.path.join(out, "tokenizer", "metrics.jsonl")).read().splitlines()
     assert all("step" in json.loads(x) for x in lines)
+    # training steps log the batch's codebook usage from the fused histogram
+    train_logs = [json.loads(x) for x in lines if "loss" in json.loads(x)]
+    assert train_logs and all(0 < r["train_codebook_usage"] <= 1 and 1 <= r["train_perplexity"] <= 1000
+                              for r in train_logs)
     # the sample subcommand reuses the trained stages
     _train("sample", "--out", str(tmp_path / "s"), "--tokenizer", os.path.join(out, "tokenizer"),
            "--maskgit", os.path.join(out, "maskgit"), "--per-class", "2")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import FSQ
+from ..reference import MAX_MATERIALIZED_CODEBOOK
 from .pretrained import PretrainedError, load_exported_state, read_pretrained
 from .vq import VectorQuantizer
 
@@ -131,7 +132,10 @@ class FSQTokenizer(nn.Module):
                                  quantizer=quantizer, vq_dim=vq_dim, vq_ema=vq_ema, vq_beta=vq_beta)
         if quantizer == "fsq":
             z_channels = len(self.levels) * num_codebooks
-            self.quantizer = FSQ(self.levels, num_codebooks=num_codebooks, channel_first=True, backend=backend)
+            # The fused histogram gives the training loop its per-batch usage (no second pass).
+            track = math.prod(self.levels) <= MAX_MATERIALIZED_CODEBOOK
+            self.quantizer = FSQ(self.levels, num_codebooks=num_codebooks, channel_first=True, backend=backend,
+                                 track_usage=track)
             self.architecture["variant"] = self.quantizer.variant
         elif quantizer == "vq":
             if num_codebooks != 1:

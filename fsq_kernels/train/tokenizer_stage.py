@@ -102,6 +102,7 @@ class TokenizerStage(Stage):
             if aux is not None:
                 loss = loss + aux
                 logs["vq_loss"] = aux.detach()
+        logs |= _train_batch_usage(parts.model.quantizer)
         gnorm = optimizer_step(loss, parts.model.parameters(), parts.optimizer, cfg.grad_clip, parts.scheduler)
         if gan_on:
             d_logs = self._disc_step(parts, x, rec)
@@ -119,6 +120,17 @@ class TokenizerStage(Stage):
     def evaluate(self, model) -> dict:
         m = evaluate_tokenizer(model, self.val_ds, self.cfg, self.ctx.device, limit=500)
         return {"val_psnr": m["psnr"], "val_codebook_usage": m["codebook_usage"]}
+
+
+def _train_batch_usage(quantizer) -> dict:
+    """Codebook usage and perplexity of this training batch, from the FSQ forward's fused
+    histogram (tensors: no host sync here), then reset for the next batch. Held-out evaluation
+    keeps its own exact count."""
+    if not getattr(quantizer, "track_usage", False):
+        return {}
+    logs = {"train_codebook_usage": quantizer.usage().mean(), "train_perplexity": quantizer.perplexity().mean()}
+    quantizer.reset_usage()
+    return logs
 
 
 def _batch_psnr(rec: Tensor, x: Tensor) -> Tensor:
