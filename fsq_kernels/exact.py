@@ -6,9 +6,13 @@ torch.export meets a table for the first time (the callers are assume_constant_r
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import struct
 from decimal import Decimal, localcontext
 from fractions import Fraction
+
+import torch
 
 __all__ = ["f32", "next_f32", "round_boundary_f32", "sign_of_boundary_minus"]
 
@@ -57,6 +61,31 @@ def sign_of_boundary_minus(f: float, *, level: int, j: int, variant: str, hard_c
 
 
 
+@contextlib.contextmanager
+def ieee_subnormals():
+    """float32 subnormals are part of the exact answer, and struct's float32 conversions run on
+    the FPU: under flush-to-zero (torch.set_flush_denormal(True), which the training commands
+    set) the smallest subnormal would read as 0 and the neighbour search below would never end.
+    Turn flushing off for the duration, and back on if it was on."""
+    flushing = struct.unpack("<f", struct.pack("<i", 1))[0] == 0.0
+    if flushing:
+        torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(True)
+
+
+def _with_ieee_subnormals(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with ieee_subnormals():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_with_ieee_subnormals
 def round_boundary_f32(t: float, target: float, shift: float, hard_clamp: bool, up: bool, sign,
                        input_scale: float = 1.0) -> float:
     """The real boundary t (float64 approximation `t` = atanh(target) - shift, or target - shift

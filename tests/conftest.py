@@ -101,6 +101,14 @@ def on_device(t: torch.Tensor, device) -> torch.Tensor:
     return flat.to(device, copy=True).as_strided(t.size(), t.stride(), t.storage_offset())
 
 
+@pytest.fixture(autouse=True)
+def _no_flush_to_zero_leak():
+    """The training commands turn on flush-to-zero (torch.set_flush_denormal) for speed; tests
+    that call them in-process must not leave it on for the exactness tests that follow."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` skip where no GPU is visible."""
     if HAS_GPU:

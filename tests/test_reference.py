@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 import torch
@@ -260,3 +261,23 @@ def test_residual_active_stages_tensor_needs_no_host_sync():
     out, _ = reference.residual_quantize(xn, (8, 5, 5, 5), 4, soft_clamp=[1.2] * 4, active_stages=torch.tensor(0))
     out.sum().backward()
     assert torch.equal(out, torch.zeros_like(out)) and torch.equal(xn.grad, torch.zeros_like(xn))
+
+
+def test_comparison_boundaries_under_flush_to_zero():
+    """The training commands set torch.set_flush_denormal(True); the exact boundary search must
+    neither hang nor change under it (its float32 neighbour steps go through subnormals), and the
+    flush mode is left as it was."""
+    from fsq_kernels import exact
+
+    levels = (8, 6, 4, 2)
+    want = reference.comparison_boundaries(levels, "symmetric", False, torch.float32)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        got = reference.comparison_boundaries(levels, "symmetric", False, torch.float32)
+        assert got == want and 0.0 in got[1][0]  # the boundary at exactly 0 (even L) rounds to 0
+        assert struct.unpack("<f", struct.pack("<i", 1))[0] == 0.0  # flushing is still on
+        with exact.ieee_subnormals():
+            assert struct.unpack("<f", struct.pack("<i", 1))[0] > 0.0
+    finally:
+        torch.set_flush_denormal(False)
