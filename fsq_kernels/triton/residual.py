@@ -91,15 +91,21 @@ def _soft_clamp(x, lane, SOFT: tl.constexpr, USE_SOFT: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _stage_output(k, scale, L_i, lane_ok):
-    """A symmetric stage's output code * scale from its level index k. (The kernels compute
-    y = residual / scale and k themselves: triton 3.6 drops the constexpr-ness of the boundary
-    tuple when it passes through two levels of jit calls.)"""
+def _stage(residual, keep, SCALES: tl.constexpr, s: tl.constexpr, lane, lane_ok, L_i,
+           LEVELS: tl.constexpr, HALF_L: tl.constexpr, OFFSET: tl.constexpr, SHIFT: tl.constexpr,
+           BOUNDS: tl.constexpr, MAX_B: tl.constexpr, HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr,
+           D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, IN_SCALE: tl.constexpr):
+    """Stage s of one tile: (y = residual / scale, level index k, stage output code * scale, 0
+    where the stage is dropped). Shared by the forward and the backward (which recomputes it)."""
+    scale = _stage_scale(SCALES, s, lane, D, D_PAD)[None, :]
+    y = tl.div_rn(residual, scale)
+    k = _level_index(y, lane, L_i, LEVELS, HALF_L, OFFSET, SHIFT, BOUNDS, MAX_B,
+                     SYMMETRIC, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK, IN_SCALE)
     L_max = (L_i - 1)[None, :]
     den = tl.where(lane_ok[None, :], L_max, 1)  # padding lanes: no 0/0
     code = tl.div_rn((2 * k - L_max).to(tl.float32), den.to(tl.float32))
     # fma(., ., +0) is the rounded product, and it cannot be contracted into the next add/sub
-    return tl.fma(code, scale, 0.0)
+    return y, k, tl.where(keep, tl.fma(code, scale, 0.0), 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,11 +125,12 @@ def _active_stages(active_ptr, HAS_ACTIVE: tl.constexpr, NUM_STAGES: tl.constexp
 
 @triton.jit
 def _stage_scale(SCALES: tl.constexpr, s: tl.constexpr, lane, D: tl.constexpr, D_PAD: tl.constexpr):
-    """Stage s's per-channel scales ([D_PAD], 1 in padding lanes) from the stage-major flat tuple
-    SCALES (flat because triton 3.6 cannot index a row of a nested constexpr tuple)."""
+    """Stage s's per-channel scales ([D_PAD], 1 in padding lanes). Indexed here rather than by
+    passing the row SCALES[s] to _lane_f32: triton 3.6 does not pass a row of a nested constexpr
+    tuple on as a constexpr."""
     v = tl.full([D_PAD], 1.0, tl.float32)
     for i in tl.static_range(D):
-        v = tl.where(lane == i, SCALES[s * D + i], v)
+        v = tl.where(lane == i, SCALES[s][i], v)
     return v
 
 
@@ -170,16 +177,13 @@ def _residual_fwd_kernel(
     residual = h
     out = tl.zeros([BLOCK, D_PAD], tl.float32)
     indices = tl.full([BLOCK, S_PAD], -1, IDT)  # dropped stages keep -1
-    # Every stage is computed and a dropped one masked out (not skipped with a run-time `if`:
-    # triton 3.6 cannot pass constexpr tuples into calls inside one). Without quantize dropout
-    # `keep` is a compile-time True and the masks fold away.
+    # Every stage is computed and a dropped one masked out (branch-free; the dropped stages cost
+    # their arithmetic, in training only). Without quantize dropout `keep` is a compile-time True
+    # and the masks fold away.
     for s in tl.static_range(NUM_STAGES):
         keep = s < active_stages
-        scale = _stage_scale(SCALES, s, lane, D, D_PAD)[None, :]
-        y = tl.div_rn(residual, scale)
-        k = _level_index(y, lane, L_i, LEVELS, HALF_L, OFFSET, SHIFT, BOUNDS, MAX_B,
-                         SYMMETRIC, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK, IN_SCALE)
-        stage_out = tl.where(keep, _stage_output(k, scale, L_i, lane_ok), 0.0)
+        y, k, stage_out = _stage(residual, keep, SCALES, s, lane, lane_ok, L_i, LEVELS, HALF_L, OFFSET, SHIFT,
+                                 BOUNDS, MAX_B, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK, IN_SCALE)
         residual = residual - stage_out
         out = out + stage_out
         idx_s = tl.sum(tl.where(mask, k.to(IDT) * basis[None, :], 0), axis=1)
@@ -238,11 +242,8 @@ def _residual_bwd_kernel(
     count = tl.zeros([BLOCK, D_PAD], tl.float32)  # sum over active stages of bound'(y_s)
     for s in tl.static_range(NUM_STAGES):  # dropped stages masked, as in the forward
         keep = s < active_stages
-        scale = _stage_scale(SCALES, s, lane, D, D_PAD)[None, :]
-        y = tl.div_rn(residual, scale)
-        k = _level_index(y, lane, L_i, LEVELS, HALF_L, OFFSET, SHIFT, BOUNDS, MAX_B,
-                         SYMMETRIC, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK, IN_SCALE)
-        stage_out = tl.where(keep, _stage_output(k, scale, L_i, lane_ok), 0.0)
+        y, k, stage_out = _stage(residual, keep, SCALES, s, lane, lane_ok, L_i, LEVELS, HALF_L, OFFSET, SHIFT,
+                                 BOUNDS, MAX_B, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK, IN_SCALE)
         if HARD_CLAMP:
             bound_grad = tl.where((y > -1.0) & (y < 1.0), 1.0, 0.0)
         else:
@@ -271,7 +272,7 @@ def _constexprs(cst: dict, hard_clamp: bool, active_stages) -> dict:
         LEVELS=cst["LEVELS"], HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"],
         IN_SCALE=cst["IN_SCALE"],
         BOUNDS=cst["BOUNDS"], MAX_B=cst["MAX_B"], HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
-        SCALES=tuple(x for row in cst["SCALES"] for x in row), SOFT=cst["SOFT"], USE_SOFT=len(cst["SOFT"]) > 0,
+        SCALES=cst["SCALES"], SOFT=cst["SOFT"], USE_SOFT=len(cst["SOFT"]) > 0,
         NUM_STAGES=len(cst["SCALES"]), HAS_ACTIVE=active_stages is not None,
     )
 
