@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -25,6 +26,8 @@ from .conftest import (
     expected_grad,
     on_device,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _table(levels, variant, hard_clamp, dtype=torch.float32):
@@ -461,7 +464,7 @@ def _cuobjdump():
 def test_cuda_rows_are_read_with_vector_loads(arch):
     """Static check of the built extension (no GPU needed): the forward and backward kernels have
     a 64-bit vector load path (8-byte rows: [8,5,5,5] in bfloat16/float16) and a 128-bit one
-    (16-byte rows: [8,5,5,5] in float32), in the SASS."""
+    (16-byte rows: [8,5,5,5] in float32), in the SASS, for each of several items per thread."""
     import subprocess
 
     from fsq_kernels import _C
@@ -476,3 +479,14 @@ def test_cuda_rows_are_read_with_vector_loads(arch):
             assert "LDG.E.128" in bodies[0], (kernel, dtype)
             if dtype != "IfE":
                 assert "LDG.E.64" in bodies[0], (kernel, dtype)
+    # several work items per thread: the bf16 8-byte path holds kMaxChannels * 2 / 8 guarded
+    # 64-bit loads per item and operand, for each of the kernel's items of a round
+    def constant(path, name):
+        return int(re.search(rf"constexpr int {name} = (\d+);", open(os.path.join(ROOT, "csrc", path)).read()).group(1))
+
+    per_item = constant("fsq_math.h", "kMaxChannels") * 2 // 8
+    for kernel, items, operands in (("fsq_forward_kernel", constant("fsq_cuda.cu", "kForwardItems"), 1),
+                                    ("fsq_backward_kernel", constant("fsq_cuda.cu", "kBackwardItems"), 2)):
+        assert items >= 2, (kernel, items)
+        body = next(b for name, b in functions.items() if kernel + "IN3c108BFloat16EE" in name)
+        assert body.count("LDG.E.64") >= items * operands * per_item, (kernel, body.count("LDG.E.64"))
