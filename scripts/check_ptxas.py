@@ -35,13 +35,15 @@ _USED = re.compile(r"Used (\d+) registers")
 
 
 def _short_name(mangled: str) -> str:
-    m = re.search(r"(fsq_(?:residual_)?(?:forward|backward|decode)_kernel)I(.*?)EEv", mangled)
+    m = re.search(r"\d+((?:fsq|dither|accumulate_usage)_\w*?kernel)I(.*?)EEv", mangled)
     if not m:
         return mangled
     arg = m.group(2)
-    for key, name in (("BFloat16", "bfloat16"), ("Half", "half"), ("d", "double"), ("f", "float")):
+    suffix = ", shared" if "Lb1" in arg else ""  # accumulate_usage_kernel<index_t, kShared>
+    for key, name in (("BFloat16", "bfloat16"), ("Half", "half"), ("d", "double"), ("f", "float"),
+                      ("l", "int64"), ("i", "int32")):
         if key in arg:
-            return f"{m.group(1)}<{name}>"
+            return f"{m.group(1)}<{name}{suffix}>"
     return f"{m.group(1)}<{arg}>"
 
 
