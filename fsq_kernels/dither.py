@@ -31,7 +31,7 @@ from .exact import f32
 
 MODES = ("peer", "taae")
 
-__all__ = ["MODES", "apply", "draw_key_offset", "element_uniforms", "steps"]
+__all__ = ["MODES", "apply", "draw_key_offset", "element_uniforms", "mode_id", "steps"]
 
 
 def draw_key_offset(device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
@@ -60,6 +60,11 @@ def _batch_uniforms(shape: Sequence[int], key_offset: Tensor) -> tuple[Tensor, T
     _, _, u2, u3 = philox.uniform4x(key_offset[0], counter)
     view = (batch,) + (1,) * (len(shape) - 1) if len(shape) >= 2 else (1,) * len(shape)
     return u2.view(view).expand(tuple(shape)), u3.view(view).expand(tuple(shape))
+
+
+def mode_id(mode: str | None) -> int:
+    """The fused ops' dither_mode: 0 for None (no dither), 1 for "peer", 2 for "taae"."""
+    return 0 if mode is None else MODES.index(mode) + 1
 
 
 def steps(levels: Sequence[int]) -> tuple[float, ...]:

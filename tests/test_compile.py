@@ -190,6 +190,21 @@ def test_fsq_module_compiles(backend, case, training):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + GPU_BACKENDS)
+@pytest.mark.parametrize("form", ["peer", "taae"])
+def test_fsq_dither_and_usage_compile(backend, form):
+    """FSQ(noise_dropout > 0, track_usage=True) in train mode: the key draw, the fused
+    quantize_train op and the usage buffer's add_ trace with fullgraph; the same seed gives the
+    same output and gradient, and the histogram counts every call, eager and compiled."""
+    if backend not in fsq_kernels.available_backends("quantize_train"):
+        pytest.skip(f"this build of the {backend} backend has no quantize_train")
+    device = _device(backend)
+    module = FSQ(LEVELS, preserve_symmetry=True, noise_dropout=0.5, dither=form, track_usage=True,
+                 backend=backend).to(device)
+    check_compiles(module, lambda b: [torch.randn(b, 5, 4, device=device)])
+    assert int(module.usage_counts.sum()) == 2 * (11 + 13) * 5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + GPU_BACKENDS)
 @pytest.mark.parametrize("quantize_dropout", [False, True], ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("channel_first", [False, True], ids=["last", "first"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -1,5 +1,7 @@
-"""The fused dither (docs/dither.md): noise size and fraction, bit-identical noise on every backend
-for a fixed key and offset, the regenerated-noise backward, reproducibility and the op count."""
+"""The dither, fused into the quantize kernels (docs/dither.md): noise size and fraction, outputs
+bit-identical to the reference (quantize, then fsq_kernels.dither.apply) for a fixed key and
+offset on every backend, noiseless indices, the histogram of the same pass, gradients equal to the
+two-op chain, reproducibility and the dispatched-op count."""
 
 from __future__ import annotations
 
@@ -10,39 +12,38 @@ import torch
 
 import fsq_kernels
 from fsq_kernels import dither, ops
-from fsq_kernels.ops import backends, dither_ops
 
-from .conftest import TEST_DEVICE
+from .conftest import backend_params
 
-FUSED = [name for name in ("cpp", "cuda", "triton")
-         if name in ops.available_backends() and backends.runs_on(name, TEST_DEVICE)]
-BACKENDS = ["reference"] + FUSED
+TRAIN_BACKENDS = backend_params("quantize_train")
 KEY_OFFSET = (-8698006509851141745, 988494398293867196)
 
 
-def _key_offset(device=TEST_DEVICE):
+def _key_offset(device):
     return torch.tensor(KEY_OFFSET, dtype=torch.int64, device=device)
 
 
-def _codes(z, levels, channel_first=False):
-    num_codebooks = z.shape[1 if channel_first else -1] // len(levels)
-    return fsq_kernels.quantize(z, levels, variant="symmetric", channel_first=channel_first,
-                                num_codebooks=num_codebooks, backend="reference")[0]
+def _train(z, levels, mode, p, backend, channel_first=False, num_codebooks=1, hard_clamp=False, return_usage=False):
+    return ops.quantize_train(z, levels, variant="symmetric", hard_clamp=hard_clamp, channel_first=channel_first,
+                              num_codebooks=num_codebooks, dither=mode, dither_p=p, key_offset=_key_offset(z.device),
+                              return_usage=return_usage, backend=backend)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_fused_kernel_is_used(backend):
-    assert dither_ops.has_fused_dither(backends.module(backend))
+def test_cpp_has_the_fused_training_op():
+    if "cpp" not in fsq_kernels.available_backends():
+        pytest.skip("the extension is not built")
+    if not hasattr(torch.ops.fsq, "quantize_train"):
+        pytest.skip("this build of the extension predates fsq::quantize_train")
+    assert "cpp" in fsq_kernels.available_backends("quantize_train")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", TRAIN_BACKENDS)
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_peer_noise_size_and_fraction(backend, p):
+def test_peer_noise_size_and_fraction(backend, device, p):
     """z = 0 has code 0 for odd L, so the output is the noise itself wherever it is drawn."""
     n = 20000
-    z = torch.zeros(n // 4, 4, device=TEST_DEVICE)
-    out = ops.dither(_codes(z, (5, 3, 7, 9)), z, (5, 3, 7, 9), mode="peer", p=p, key_offset=_key_offset(),
-                     backend=backend).double().cpu()
+    z = torch.zeros(n // 4, 4, device=device)
+    out = _train(z, (5, 3, 7, 9), "peer", p, backend)[0].double().cpu()
     noised = out != 0
     assert abs(noised.double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
     noise = out[noised]
@@ -52,13 +53,12 @@ def test_peer_noise_size_and_fraction(backend, p):
     assert abs(noise.var().item() - 1 / 12) < 5 * math.sqrt(1 / 180 / m)  # var of (U - 1/2)^2 is 1/180
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_taae_branch_fractions_per_batch_element(backend):
+@pytest.mark.parametrize("backend,device", TRAIN_BACKENDS)
+def test_taae_branch_fractions_per_batch_element(backend, device):
     """tanh(0.3) = 0.2913 falls on no grid point of L = 5 (code 0.5): the three branches are apart."""
     p, batch, levels = 0.4, 3000, (5,)
-    z = torch.full((batch, 2, 1), 0.3, device=TEST_DEVICE)
-    out = ops.dither(_codes(z, levels), z, levels, mode="taae", p=p, key_offset=_key_offset(),
-                     backend=backend).double().cpu()
+    z = torch.full((batch, 2, 1), 0.3, device=device)
+    out = _train(z, levels, "taae", p, backend)[0].double().cpu()
     t = math.tanh(0.3)
     unquantized = (out - t).abs() < 1e-6
     quantized = out == 0.5
@@ -73,63 +73,92 @@ def test_taae_branch_fractions_per_batch_element(backend):
     assert abs(noise.var().item() - 1 / 12) < 0.01
 
 
-CASES = [  # (shape, channel_first, levels, dtype, transpose)
-    ((7, 33, 6), False, (5, 4, 3), torch.float32, False),
-    ((5, 6, 4, 3), True, (8, 5, 5), torch.float32, False),
-    ((9, 2, 6), False, (5, 3), torch.float32, True),
-    ((4, 11, 8), False, (8, 5, 5, 5), torch.bfloat16, False),
-    ((3, 0, 4), False, (5, 3), torch.float32, False),
-]
+CASES = {  # shape, channel_first, levels, num_codebooks, dtype, transpose, hard_clamp
+    "odd": ((7, 33, 6), False, (5, 4, 3), 2, torch.float32, False, False),
+    "channel_first": ((5, 6, 4, 3), True, (8, 5, 5), 2, torch.float32, False, False),
+    "non_contiguous": ((9, 2, 6), False, (5, 3), 3, torch.float32, True, False),
+    "bf16": ((4, 11, 8), False, (8, 5, 5, 5), 2, torch.bfloat16, False, False),
+    "hard_clamp": ((3, 5, 4), False, (4, 7), 2, torch.float32, False, True),
+    "one_dim": ((4,), False, (3, 6), 2, torch.float32, False, False),
+    "empty": ((3, 0, 4), False, (5, 3), 2, torch.float32, False, False),
+}
 
 
-@pytest.mark.parametrize("shape,channel_first,levels,dtype,transpose", CASES)
+@pytest.mark.parametrize("backend,device", TRAIN_BACKENDS)
+@pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("mode", ["peer", "taae"])
-def test_bit_identical_across_backends(shape, channel_first, levels, dtype, transpose, mode):
-    """Same key and offset: the same noise, masks, outputs and gradients everywhere. The peer form
-    is exact arithmetic on exact codes (bit for bit); the taae form adds tanh(z), which differs by
-    ulps between backends, so its masks and noise are compared at z = 0 (tanh 0 = 0) bit for bit
-    and its outputs elsewhere within float32 rounding."""
+def test_fused_training_forward_matches_the_two_op_chain(backend, device, case, mode):
+    """codes = dither.apply(quantize(z)) for the fixed key and offset; indices = quantize's (the
+    noiseless code's); usage = bincount of them (NaN tokens skipped); grad_z = the gradient of
+    the backend's quantize followed by the reference dither. The peer form is exact arithmetic on
+    exact codes (bit for bit); the taae form adds tanh(z), which differs by ulps between backends,
+    so its masks and noise are compared at z = 0 (tanh 0 = 0) bit for bit and elsewhere within
+    float32 rounding."""
+    shape, channel_first, levels, ncb, dtype, transpose, hard_clamp = CASES[case]
     gen = torch.Generator().manual_seed(1)
-    z = (torch.randn(shape, generator=gen) * 1.5).to(dtype).to(TEST_DEVICE)
-    if transpose:
-        z = z.transpose(0, 1)
+    z = torch.randn(shape, generator=gen) * 1.5
     if mode == "taae":
-        z = torch.where(torch.rand(z.shape, generator=gen).to(TEST_DEVICE) < 0.5, torch.zeros_like(z), z)
-    grad = torch.randn(z.shape, generator=gen).to(dtype).to(TEST_DEVICE)
-    results = {}
-    for backend in BACKENDS:
-        zz = z.clone().requires_grad_()
-        codes = _codes(zz, levels, channel_first)
-        out = ops.dither(codes, zz, levels, mode=mode, p=0.5, key_offset=_key_offset(),
-                         channel_first=channel_first, backend=backend)
-        out.backward(grad)
-        results[backend] = (out.detach().cpu(), zz.grad.cpu())
-    ref_out, ref_grad = results["reference"]
-    at_zero = (z == 0).cpu()
-    for backend, (out, g) in results.items():
-        if mode == "peer":
-            assert torch.equal(out, ref_out), backend
-            assert torch.equal(g, ref_grad), backend
-        else:
-            assert torch.equal(out[at_zero], ref_out[at_zero]), backend
-            # float32: a few ulps of tanh; bfloat16: those ulps may flip one rounding of the output
-            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
-            torch.testing.assert_close(out, ref_out, **tol)
-            torch.testing.assert_close(g, ref_grad, **tol)
+        z = torch.where(torch.rand(z.shape, generator=gen) < 0.5, torch.zeros_like(z), z)
+    if z.numel() > 4:
+        z.view(-1)[3] = float("nan")
+    z = z.to(dtype).to(device)
+    grad = torch.randn(shape, generator=gen).to(dtype).to(device)
+    if transpose:
+        z, grad = z.transpose(0, 1), grad.transpose(0, 1)
+    zz = z.clone().requires_grad_()
+    codes, indices, usage = _train(zz, levels, mode, 0.5, backend, channel_first, ncb, hard_clamp, True)
+    codes.backward(grad)
+
+    zc = z.clone().requires_grad_()
+    kwargs = dict(variant="symmetric", hard_clamp=hard_clamp, channel_first=channel_first, num_codebooks=ncb)
+    chain_codes, chain_indices = fsq_kernels.quantize(zc, levels, backend=backend, **kwargs)
+    chain = dither.apply(chain_codes, zc, levels, mode, 0.5, _key_offset(device), channel_first)
+    chain.backward(grad)
+    ref_codes, ref_indices = fsq_kernels.quantize(z, levels, backend="reference", **kwargs)
+    ref = dither.apply(ref_codes, z, levels, mode, 0.5, _key_offset(device), channel_first)
+
+    assert codes.shape == z.shape and codes.dtype == z.dtype
+    assert torch.equal(indices, ref_indices) and torch.equal(indices, chain_indices)
+    assert torch.equal(usage.cpu(), ops._reference.histogram(ref_indices.cpu(), ncb, math.prod(levels)))
+    assert int(usage.sum()) == int((ref_indices >= 0).sum())
+    out, ref, g, g_chain = codes.detach().cpu(), ref.cpu(), zz.grad.cpu(), zc.grad.cpu()
+    if mode == "peer":
+        assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0))
+        assert torch.equal(g.nan_to_num(7.0), g_chain.nan_to_num(7.0))
+    else:
+        at_zero = (z == 0).cpu()
+        assert torch.equal(out[at_zero], ref[at_zero])
+        # float32: a few ulps of tanh; bfloat16: those ulps may flip one rounding of the output
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
+        torch.testing.assert_close(out, ref, equal_nan=True, **tol)
+        torch.testing.assert_close(g, g_chain, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("backend,device", TRAIN_BACKENDS)
+def test_without_dither_codes_equal_quantize(backend, device):
+    """dither=None: the codes and gradient are quantize's, the usage the bincount."""
+    z = (torch.randn(5, 7, 8) * 2).to(device).requires_grad_()
+    codes, indices, usage = ops.quantize_train(z, (8, 5, 5, 5), num_codebooks=2, return_usage=True, backend=backend)
+    want, want_indices = fsq_kernels.quantize(z, (8, 5, 5, 5), num_codebooks=2, backend=backend)
+    assert torch.equal(codes, want) and torch.equal(indices, want_indices)
+    assert torch.equal(usage.cpu(), ops._reference.histogram(indices.cpu(), 2, 1000))
+    g, = torch.autograd.grad(codes.sum(), z)
+    assert torch.equal(g, torch.autograd.grad(want.sum(), z)[0])
+    assert ops.quantize_train(z, (8, 5, 5, 5), num_codebooks=2, backend=backend)[2] is None
 
 
 def test_reference_is_philox_at_element_counters():
     """The documented counters: element i at offset + i (row-major), batch masks at offset + b*per_batch."""
     z = torch.zeros(3, 4, 2)
-    out = dither.apply(_codes(z, (5, 5)), z, (5, 5), "peer", 1.0, _key_offset("cpu"))
+    out = _train(z, (5, 5), "peer", 1.0, "reference")[0]
     u0 = fsq_kernels.philox.uniform4x(KEY_OFFSET[0], torch.arange(24) + KEY_OFFSET[1])[0]
     assert torch.equal(out.flatten(), u0 - 0.5)
 
 
 @pytest.mark.parametrize("form", ["peer", "taae"])
-def test_manual_seed_reproduces_a_training_step(form):
-    fsq = fsq_kernels.FSQ([5, 5, 5], preserve_symmetry=True, noise_dropout=0.3, dither=form).to(TEST_DEVICE)
-    z = torch.randn(16, 8, 3, device=TEST_DEVICE)
+def test_manual_seed_reproduces_a_training_step(form, device):
+    fsq = fsq_kernels.FSQ([5, 5, 5], preserve_symmetry=True, noise_dropout=0.3, dither=form).to(device)
+    z = torch.randn(16, 8, 3, device=device)
     torch.manual_seed(5)
     first, indices = fsq(z)
     second, _ = fsq(z)
@@ -155,43 +184,36 @@ def _count_ops(fn) -> int:
     return Count.ops
 
 
-@pytest.mark.parametrize("backend", [b for b in FUSED if b != "triton"])
+@pytest.mark.parametrize("backend,device", [p for p in TRAIN_BACKENDS if p.values[0] in ("cpp", "cuda")])
 @pytest.mark.parametrize("form", ["peer", "taae"])
-def test_train_mode_dispatches_at_most_two_ops_more_than_eval(backend, form):
-    fsq = fsq_kernels.FSQ([8, 5, 5, 5], preserve_symmetry=True, noise_dropout=0.5, dither=form, backend=backend)
-    z = torch.randn(32, 4, device=TEST_DEVICE)
+def test_train_mode_dispatches_at_most_two_ops_more_than_eval(backend, device, form):
+    """Train mode with dither and track_usage: the key draw, the fused op and the buffer's add_."""
+    fsq = fsq_kernels.FSQ([8, 5, 5, 5], preserve_symmetry=True, noise_dropout=0.5, dither=form, track_usage=True,
+                          backend=backend).to(device)
+    z = torch.randn(32, 4, device=device)
     fsq.eval()
     eval_ops = _count_ops(lambda: fsq(z))
     fsq.train()
     train_ops = _count_ops(lambda: fsq(z))
     assert train_ops <= eval_ops + 2, (train_ops, eval_ops)
+    assert int(fsq.usage_counts.sum()) == 32
 
 
 def test_errors_name_the_argument():
     z = torch.zeros(2, 3)
-    codes = _codes(z, (5, 5, 5))
-    with pytest.raises(ValueError, match="mode"):
-        ops.dither(codes, z, (5, 5, 5), mode="gauss", p=0.5)
-    with pytest.raises(ValueError, match="p must"):
-        ops.dither(codes, z, (5, 5, 5), p=1.5)
-    with pytest.raises(ValueError, match="key_offset"):
-        ops.dither(codes, z, (5, 5, 5), p=0.5, key_offset=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="dither must be"):
+        ops.quantize_train(z, (5, 5, 5), variant="symmetric", dither="gauss")
+    with pytest.raises(ValueError, match="dither_p must"):
+        ops.quantize_train(z, (5, 5, 5), variant="symmetric", dither="peer", dither_p=1.5)
+    with pytest.raises(ValueError, match="needs variant 'symmetric'"):
+        ops.quantize_train(z, (5, 5, 5), dither="peer", dither_p=0.5)
+    with pytest.raises(ValueError, match="key_offset must have shape"):
+        ops.quantize_train(z, (5, 5, 5), variant="symmetric", dither="peer", key_offset=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="key_offset must be int64"):
+        ops.quantize_train(z, (5, 5, 5), variant="symmetric", dither="peer", key_offset=torch.zeros(2))
+    with pytest.raises(ValueError, match="return_usage"):
+        ops.quantize_train(torch.zeros(2, 8), (4096,) * 2 + (16,) * 6, return_usage=True)
+    with pytest.raises(ValueError, match="channels"):
+        ops.quantize_train(z, (5, 5), variant="symmetric", dither="peer")
     with pytest.raises(ValueError, match="dither"):
         fsq_kernels.FSQ([5, 5], dither="taae")
-
-
-@pytest.mark.parametrize("form", ["peer", "taae"])
-def test_compiles_fullgraph_and_matches_eager(form):
-    """torch.compile(fullgraph=True) traces the dither (and track_usage): same seed, same output."""
-    backend = "cpp" if "cpp" in FUSED else "reference"
-    fsq = fsq_kernels.FSQ([8, 5, 5, 5], preserve_symmetry=True, noise_dropout=0.5, dither=form, track_usage=True,
-                          backend=backend)
-    z = torch.randn(64, 4, requires_grad=True)
-    compiled = torch.compile(fsq, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(0)
-    out, indices = compiled(z)
-    out.sum().backward()
-    torch.manual_seed(0)
-    eager_out, eager_indices = fsq(z)
-    assert torch.equal(out, eager_out) and torch.equal(indices, eager_indices)
-    assert int(fsq.usage_counts.sum()) == 2 * 64

@@ -1,4 +1,6 @@
-"""The fused codebook-usage histogram (issue 16 part 5): counts equal bincount on every backend."""
+"""Codebook-usage histograms (issue 16 part 5): the one counted by the quantize kernel in its
+pass (quantize_train(return_usage=True), what FSQ(track_usage=True) uses) and the standalone
+accumulate_usage (held-out evaluation), both equal to bincount on every backend."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import fsq_kernels
 from fsq_kernels import ops
 from fsq_kernels.ops import backends
 
-from .conftest import TEST_DEVICE
+from .conftest import TEST_DEVICE, backend_params
 
 BACKENDS = ["reference"] + [name for name in ("cpp", "cuda", "triton")
                             if name in ops.available_backends() and backends.runs_on(name, TEST_DEVICE)]
@@ -42,6 +44,29 @@ def test_counts_equal_bincount(backend, groups, size, dtype):
         ops.accumulate_usage(indices, counts, backend=backend)
         want += _bincount(indices, groups, size)
     assert torch.equal(counts.cpu(), want)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("quantize_train"))
+@pytest.mark.parametrize("levels,shape,channel_first,num_codebooks", [
+    ((8, 5, 5, 5), (3, 37, 8), False, 2),  # odd token count, two codebooks
+    ((7, 5, 5, 5, 5), (2, 15, 5, 3), True, 3),  # channel-first, three codebooks
+    ((300, 7), (101, 2), False, 1),  # Triton's tanh path; 2100 bins
+    ((4, 3), (0, 2), False, 1),  # empty
+])
+def test_forward_histogram_equals_bincount(backend, device, levels, shape, channel_first, num_codebooks):
+    """The histogram the quantize kernel counts in its pass: NaN tokens (index -1) skipped,
+    a fresh zeroed table per call."""
+    gen = torch.Generator().manual_seed(len(levels))
+    z = torch.randn(shape, generator=gen) * 2
+    if z.numel():
+        z.view(-1)[::7] = float("nan")
+    z = z.to(device)
+    for _ in range(2):
+        _, indices, usage = ops.quantize_train(z, levels, channel_first=channel_first, num_codebooks=num_codebooks,
+                                               return_usage=True, backend=backend)
+        assert usage.dtype == torch.int64 and usage.device == z.device
+        assert torch.equal(usage.cpu(), _bincount(indices, num_codebooks, math.prod(levels)))
+    assert not z.numel() or (indices == -1).any()
 
 
 def test_cpp_uses_the_fused_op():

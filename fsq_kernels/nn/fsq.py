@@ -25,15 +25,15 @@ class FSQ(nn.Module):
         Cosmos), "symmetric" (arXiv 2411.19842) or "ifsq" (arXiv 2601.17124: tanh(0.8 z) (L-1)/2,
         odd levels only). preserve_symmetry=True selects "symmetric".
       backend: "auto", "reference", "cpp", "cuda" or "triton" (see fsq_kernels.available_backends()).
-      dither: the training noise (docs/dither.md), drawn in a fused kernel: "peer" (default;
+      dither: the training noise (docs/dither.md), drawn inside the quantize kernel: "peer" (default;
         vector-quantize-pytorch's noise_dropout: each element, with probability noise_dropout,
         gets clamp(code + U(-1/2, 1/2), -1, 1)) or "taae" (stable-audio-tools' DitheredFSQ: per
         batch element, tanh(z) + U(-1/2, 1/2) * 2/(L-1) with probability 1 - noise_dropout, else
         tanh(z) or the code; always on in training). Both need the "symmetric" variant; indices
         always describe the noiseless code. The noise comes from the device's torch generator
         (torch.manual_seed reproduces it).
-      track_usage: accumulate, in training mode, a per-code histogram of the indices in one fused
-        kernel on the device (no host sync per step; codebooks up to 2^24 codes):
+      track_usage: accumulate, in training mode, a per-code histogram of the indices, counted by
+        the quantize kernel in the same pass (no host sync per step; codebooks up to 2^24 codes):
         `usage_counts` (num_codebooks, codebook_size), `usage()`, `perplexity()`, `reset_usage()`.
 
     forward(z) -> (out, indices). z is channel-last (..., dim), or (B, dim, ...) when
@@ -207,21 +207,21 @@ class FSQ(nn.Module):
         if self.orthogonal_rotation:
             x = self._rotate(x, self.orthogonal_rot)
 
+        dither = self.dither if self.training and (self.noise_dropout > 0 or self.dither == "taae") else None
+        track = self.track_usage and self.training
+        args = dict(variant=self.variant, hard_clamp=self.bound_hard_clamp, channel_first=channel_first and direct,
+                    num_codebooks=self.num_codebooks, backend=self.backend)
         with torch.autocast(autocast_device_type(x), enabled=False):
-            codes, indices = ops.quantize(
-                x, self.levels, variant=self.variant, hard_clamp=self.bound_hard_clamp,
-                channel_first=channel_first and direct, num_codebooks=self.num_codebooks,
-                return_indices=self.return_indices, backend=self.backend,
-            )
-            if self.training and (self.noise_dropout > 0 or self.dither == "taae"):
-                codes = ops.dither(
-                    codes, x, self.levels, mode=self.dither, p=self.noise_dropout,
-                    channel_first=channel_first and direct, backend=self.backend,
-                )
+            if dither is not None or track:  # one fused launch: noise and histogram in the quantize kernel
+                codes, indices, usage = ops.quantize_train(x, self.levels, dither=dither, dither_p=self.noise_dropout,
+                                                           return_usage=track, **args)
+                indices = indices if self.return_indices else None
+                if track:
+                    self.usage_counts.add_(usage)
+            else:
+                codes, indices = ops.quantize(x, self.levels, return_indices=self.return_indices, **args)
             if self.orthogonal_rotation:
                 codes = self._rotate(codes, self.orthogonal_rot.t())
-        if self.track_usage and self.training:
-            ops.accumulate_usage(indices, self.usage_counts, backend=self.backend)
 
         out = self.project_out(codes)
         if channel_first and not direct:

@@ -16,14 +16,15 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import dither as reference_dither
 from .. import reference
 from .backends import BACKENDS, available_backends, resolve  # noqa: F401  (BACKENDS: re-exported)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = [
-    "accumulate_usage", "available_backends", "codes_to_indices", "dither", "indices_to_codes", "perplexity",
-    "quantize", "residual_quantize", "usage_fraction",
+    "accumulate_usage", "available_backends", "codes_to_indices", "indices_to_codes", "perplexity",
+    "quantize", "quantize_train", "residual_quantize", "usage_fraction",
     "validate_levels",
 ]
 
@@ -93,6 +94,16 @@ def _validate_channels(x: Tensor, name: str, levels, num_codebooks: int, channel
         )
 
 
+def _validate_quantize_input(z, levels, variant, hard_clamp, channel_first, num_codebooks, caller: str):
+    """quantize's and quantize_train's checks of z and the level set: (levels, num_codebooks)."""
+    levels = validate_levels(levels, caller)
+    _validate_variant(variant, hard_clamp, caller, levels)
+    num_codebooks = _validate_num_codebooks(num_codebooks, caller)
+    _validate_float_tensor(z, "z", caller)
+    _validate_channels(z, "z", levels, num_codebooks, channel_first, caller)
+    return levels, num_codebooks
+
+
 def _validate_active_stages(active_stages, num_stages: int, x, caller: str):
     """None (every stage), or a 0-d integer tensor on x's device for the backends."""
     if isinstance(active_stages, Tensor):
@@ -137,15 +148,68 @@ def quantize(
     NaN channel. Gradients are straight-through across the round; the bound keeps its derivative.
     """
     caller = "fsq_kernels.quantize"
-    levels = validate_levels(levels, caller)
-    _validate_variant(variant, hard_clamp, caller, levels)
-    num_codebooks = _validate_num_codebooks(num_codebooks, caller)
-    _validate_float_tensor(z, "z", caller)
-    _validate_channels(z, "z", levels, num_codebooks, channel_first, caller)
+    levels, num_codebooks = _validate_quantize_input(z, levels, variant, hard_clamp, channel_first, num_codebooks, caller)
     runner = resolve(backend, z.device, z.dtype, levels, caller)
     return runner.quantize(
         z, levels, variant, bool(hard_clamp), bool(channel_first), num_codebooks, bool(return_indices)
     )
+
+
+def _validate_key_offset(key_offset, z: Tensor, caller: str) -> None:
+    if not isinstance(key_offset, Tensor):
+        raise TypeError(f"{caller}: key_offset must be a torch.Tensor (int64 [key, offset]); got {type(key_offset).__name__}")
+    if key_offset.dtype != torch.int64:
+        raise TypeError(f"{caller}: key_offset must be int64; got {key_offset.dtype}")
+    if tuple(key_offset.shape) != (2,) or key_offset.device != z.device:
+        raise ValueError(f"{caller}: key_offset must have shape (2,) and be on z's device {z.device}; got shape "
+                         f"{tuple(key_offset.shape)} on {key_offset.device}")
+
+
+def quantize_train(
+    z: Tensor,
+    levels: Sequence[int],
+    *,
+    variant: str = "paper",
+    hard_clamp: bool = False,
+    channel_first: bool = False,
+    num_codebooks: int = 1,
+    dither: str | None = None,
+    dither_p: float = 0.0,
+    key_offset: Tensor | None = None,
+    return_usage: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The training forward in one fused launch: (codes, indices, usage).
+
+    codes: quantize's codes, dithered when `dither` is "peer" (vector-quantize-pytorch's
+    noise_dropout=dither_p) or "taae" (stable-audio-tools' DitheredFSQ), both on the "symmetric"
+    grid (docs/dither.md); exactly fsq_kernels.dither.apply(quantize(z), z, ...). indices: the
+    noiseless code's, as quantize gives them. usage (return_usage=True, else None): the
+    (num_codebooks, prod(levels)) int64 histogram of these indices (-1 skipped), counted in the
+    same pass. key_offset: the int64 [key, offset] tensor on z's device that fixes the noise
+    (default: fsq_kernels.dither.draw_key_offset, from the device's torch generator). Gradients:
+    the straight-through estimator through the dither (the backward regenerates the noise).
+    """
+    caller = "fsq_kernels.quantize_train"
+    levels, num_codebooks = _validate_quantize_input(z, levels, variant, hard_clamp, channel_first, num_codebooks, caller)
+    if dither is not None and dither not in reference_dither.MODES:
+        raise ValueError(f"{caller}: dither must be None or one of {list(reference_dither.MODES)}; got {dither!r}")
+    if isinstance(dither_p, bool) or not isinstance(dither_p, numbers.Real) or not 0.0 <= dither_p <= 1.0:
+        raise ValueError(f"{caller}: dither_p must be a float in [0, 1]; got {dither_p!r}")
+    if dither is not None and variant != "symmetric":
+        raise ValueError(f"{caller}: dither={dither!r} needs variant 'symmetric'; got variant={variant!r}")
+    if dither is None:
+        key_offset = None
+    elif key_offset is None:
+        key_offset = reference_dither.draw_key_offset(z.device)
+    else:
+        _validate_key_offset(key_offset, z, caller)
+    if return_usage and reference.codebook_size(levels) > reference.MAX_MATERIALIZED_CODEBOOK:
+        raise ValueError(f"{caller}: return_usage=True needs at most {reference.MAX_MATERIALIZED_CODEBOOK} codes per "
+                         f"codebook; got prod(levels) = {reference.codebook_size(levels)}")
+    runner = resolve(backend, z.device, z.dtype, levels, caller, "quantize_train")
+    return runner.quantize_train(z, levels, variant, bool(hard_clamp), bool(channel_first), num_codebooks, dither,
+                                 float(dither_p), key_offset, bool(return_usage))
 
 
 def _check_index_range(indices: Tensor, levels, caller: str) -> None:
@@ -269,5 +333,4 @@ def residual_quantize(
     )
 
 
-from .dither_ops import dither  # noqa: E402  (issue 16; uses the validators above)
 from .usage_ops import accumulate_usage, perplexity, usage_fraction  # noqa: E402  (issue 16)

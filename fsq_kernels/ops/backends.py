@@ -6,7 +6,8 @@ on the tensor's device and dtype: nothing is imported and nothing is read from t
 torch.compile(fullgraph=True) and torch.export trace straight through it.
 
 A backend module exposes `is_available(device_type)`, `supports(levels)`, `quantize`,
-`indices_to_codes` and optionally `residual_quantize` (docs/design.md, "Backends").
+`indices_to_codes` and optionally `residual_quantize` and `quantize_train` (docs/design.md,
+"Backends").
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from . import _reference
 
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
-OPS = ("quantize", "indices_to_codes", "residual_quantize")
+OPS = ("quantize", "indices_to_codes", "residual_quantize", "quantize_train")
 # float64 runs where its math can be float64: the reference and the CPU kernels.
 FLOAT64_BACKENDS = ("reference", "cpp")
 # `auto` tries these in order per device type, then falls back to the reference.
@@ -85,7 +86,7 @@ def runs_on(name: str, device_type: str, op: str = "quantize") -> bool:
 def available_backends(op: str = "quantize") -> list[str]:
     """`reference` always; `cpp` when the extension is built; `cuda` when it is built with kernels
     for the visible GPU; `triton` when a GPU is visible or TRITON_INTERPRET=1 is set. `op`
-    ("quantize", "indices_to_codes" or "residual_quantize") narrows the list to the backends that
+    ("quantize", "indices_to_codes", "residual_quantize" or "quantize_train") narrows the list to the backends that
     implement it."""
     if op not in OPS:
         raise ValueError(f"available_backends: op must be one of {list(OPS)}; got {op!r}")

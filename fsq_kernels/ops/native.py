@@ -24,6 +24,7 @@ from .. import _extension
 _C, _ = _extension.load()
 
 __all__ = ["indices_to_codes", "is_available", "quantize", "residual_quantize", "supports", "with_cuda"]
+# (and quantize_train where the extension defines fsq::quantize_train)
 
 MAX_CHANNELS = 16  # channels per codebook (csrc/fsq_math.h kMaxChannels)
 MAX_LEVEL = 2**24  # every L
@@ -109,3 +110,13 @@ def residual_quantize(
         None if soft_clamp is None else [float(c) for c in soft_clamp],
         bool(channel_first), registration.active_stages_tensor(active_stages, int(num_stages), x.device), table,
     )
+
+
+if _C is not None and hasattr(torch.ops.fsq, "quantize_train"):  # an extension built before it lacks the op
+
+    def quantize_train(z: Tensor, levels: tuple[int, ...], variant: str, hard_clamp: bool, channel_first: bool,
+                       num_codebooks: int, dither: str | None, dither_p: float, key_offset: Tensor | None,
+                       return_usage: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The training forward in one launch: (dithered codes, noiseless indices, histogram or None)."""
+        return registration.quantize_train(torch.ops.fsq, z, levels, variant, hard_clamp, channel_first,
+                                           num_codebooks, dither, dither_p, key_offset, return_usage)

@@ -5,16 +5,25 @@
     quantize(z, levels, variant, hard_clamp, channel_first, num_codebooks, return_indices, table)
         -> (codes, indices)          indices: an empty int tensor when not requested
     quantize_backward(grad_codes, z, levels, variant, hard_clamp, channel_first, num_codebooks,
-                      table) -> grad_z
+                      table, key_offset=None, dither_mode=0, dither_p=0.0, dither_steps=[]) -> grad_z
+    quantize_train(z, levels, variant, hard_clamp, channel_first, num_codebooks, table, key_offset,
+                   dither_mode, dither_p, dither_steps, return_usage) -> (codes, indices, usage)
     indices_to_codes(indices, levels, variant, channel_first, num_codebooks, dtype, table) -> codes
     residual_quantize(x, levels, num_stages, hard_clamp, soft_clamp, channel_first,
                       active_stages, table) -> (out, indices)
     residual_quantize_backward(grad_out, x, ...the same arguments) -> grad_x
 
 `table` is the level-set table of fsq_kernels/ops/tables.py; `active_stages` None or a 0-d
-integer tensor on x's device. Autograd saves only the input (and active_stages); each backward
-is one launch of the matching *_backward op (straight-through across the round, the true
+integer tensor on x's device. Autograd saves only the input (and active_stages, key_offset); each
+backward is one launch of the matching *_backward op (straight-through across the round, the true
 derivative of the bound; residual: every stage recomputed from x).
+
+quantize_train is the training forward in one launch (docs/dither.md): dither_mode 0 none, 1
+"peer", 2 "taae"; key_offset the int64 [key, offset] tensor on z's device (None without dither);
+dither_steps fsq_kernels.dither.steps(levels); codes dithered, indices the noiseless ones, usage
+the (num_codebooks, prod(levels)) int64 histogram of the indices, or an empty (0,) int64 tensor
+when return_usage is False. Its backward is quantize_backward with the same dither arguments,
+which regenerates the noise from the counters.
 """
 
 from __future__ import annotations
@@ -22,9 +31,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import shapes
+from .. import dither as reference_dither
+from .. import reference, shapes
+from . import tables
 
-__all__ = ["active_stages_tensor", "register_autograd", "register_fakes"]
+__all__ = ["QUANTIZE_BACKWARD_SCHEMA", "QUANTIZE_TRAIN_SCHEMA", "active_stages_tensor", "quantize_train",
+           "register_autograd", "register_fakes"]
+
+# The two schemas the Triton ops spell out (triton_op cannot infer a list default); the C++ ops
+# (csrc/fsq_ops.cpp) declare the same.
+QUANTIZE_BACKWARD_SCHEMA = (
+    "(Tensor grad_codes, Tensor z, int[] levels, str variant, bool hard_clamp, bool channel_first, "
+    "int num_codebooks, float[] table, Tensor? key_offset=None, int dither_mode=0, float dither_p=0.0, "
+    "float[] dither_steps=[]) -> Tensor"
+)
+QUANTIZE_TRAIN_SCHEMA = (
+    "(Tensor z, int[] levels, str variant, bool hard_clamp, bool channel_first, int num_codebooks, "
+    "float[] table, Tensor? key_offset, int dither_mode, float dither_p, float[] dither_steps, "
+    "bool return_usage) -> (Tensor codes, Tensor indices, Tensor usage)"
+)
 
 
 def register_fakes(namespace: str) -> None:
@@ -36,8 +61,19 @@ def register_fakes(namespace: str) -> None:
         return torch.empty_like(z), z.new_empty(shape, dtype=shapes.index_dtype(levels))
 
     @torch.library.register_fake(f"{namespace}::quantize_backward")
-    def _quantize_backward_fake(grad_codes, z, levels, variant, hard_clamp, channel_first, num_codebooks, table):
+    def _quantize_backward_fake(grad_codes, z, levels, variant, hard_clamp, channel_first, num_codebooks, table,
+                                key_offset=None, dither_mode=0, dither_p=0.0, dither_steps=()):
         return torch.empty_like(z)
+
+    if hasattr(getattr(torch.ops, namespace), "quantize_train"):  # the C++ op may come later than the others
+
+        @torch.library.register_fake(f"{namespace}::quantize_train")
+        def _quantize_train_fake(z, levels, variant, hard_clamp, channel_first, num_codebooks, table, key_offset,
+                                 dither_mode, dither_p, dither_steps, return_usage):
+            indices = z.new_empty(shapes.index_shape(z.shape, channel_first, num_codebooks),
+                                  dtype=shapes.index_dtype(levels))
+            usage = (num_codebooks, reference.codebook_size(levels)) if return_usage else (0,)
+            return torch.empty_like(z), indices, z.new_empty(usage, dtype=torch.int64)
 
     @torch.library.register_fake(f"{namespace}::indices_to_codes")
     def _indices_to_codes_fake(indices, levels, variant, channel_first, num_codebooks, dtype, table):
@@ -55,24 +91,33 @@ def register_fakes(namespace: str) -> None:
         return torch.empty_like(x)
 
 
-def register_autograd(namespace: str) -> None:
-    """Autograd of <namespace>::quantize and <namespace>::residual_quantize."""
-    ops = getattr(torch.ops, namespace)
+def _register_straight_through(ops, name: str, num_inputs: int, split) -> None:
+    """Autograd of <ns>::<name> (quantize or quantize_train): one quantize_backward launch from z
+    (and the dither's key_offset: 16 bytes). split(inputs) -> (z, quantize_backward's arguments
+    after z up to the table, key_offset, the dither arguments or ())."""
+    def setup(ctx, inputs, output):
+        z, args, key_offset, dither = split(inputs)
+        ctx.save_for_backward(z, key_offset)  # z in its own dtype; nothing per element besides it
+        ctx.set_materialize_grads(False)  # no zeros for the integer outputs
+        ctx.args, ctx.dither = args, dither
 
-    def _quantize_setup(ctx, inputs, output):
-        z, levels, variant, hard_clamp, channel_first, num_codebooks, _, table = inputs
-        ctx.save_for_backward(z)  # only z, in its own dtype
-        ctx.set_materialize_grads(False)  # no zeros for the integer indices output
-        ctx.args = (levels, variant, hard_clamp, channel_first, num_codebooks, table)
-
-    def _quantize_backward(ctx, grad_codes, grad_indices):
-        (z,) = ctx.saved_tensors
+    def backward(ctx, grad_codes, *grad_integer_outputs):
+        z, key_offset = ctx.saved_tensors
         grad_z = None
         if ctx.needs_input_grad[0] and grad_codes is not None:
-            grad_z = ops.quantize_backward(grad_codes.to(z.dtype), z, *ctx.args)
-        return grad_z, None, None, None, None, None, None, None
+            extra = (key_offset, *ctx.dither) if ctx.dither and ctx.dither[0] else ()  # dither_mode 0: none
+            grad_z = ops.quantize_backward(grad_codes.to(z.dtype), z, *ctx.args, *extra)
+        return (grad_z,) + (None,) * (num_inputs - 1)
 
-    torch.library.register_autograd(f"{namespace}::quantize", _quantize_backward, setup_context=_quantize_setup)
+    torch.library.register_autograd(f"{ops.name}::{name}", backward, setup_context=setup)
+
+
+def register_autograd(namespace: str) -> None:
+    """Autograd of <namespace>::quantize, ::quantize_train (where it exists) and ::residual_quantize."""
+    ops = getattr(torch.ops, namespace)
+    _register_straight_through(ops, "quantize", 8, lambda i: (i[0], (*i[1:6], i[7]), None, ()))
+    if hasattr(ops, "quantize_train"):
+        _register_straight_through(ops, "quantize_train", 12, lambda i: (i[0], tuple(i[1:7]), i[7], tuple(i[8:11])))
 
     def _residual_setup(ctx, inputs, output):
         x, levels, num_stages, hard_clamp, soft_clamp, channel_first, active_stages, table = inputs
@@ -101,3 +146,16 @@ def active_stages_tensor(active_stages, num_stages: int, device) -> Tensor | Non
     if int(active_stages) == num_stages:
         return None
     return torch.tensor(int(active_stages), dtype=torch.int64, device=device)
+
+
+def quantize_train(ops, z: Tensor, levels, variant, hard_clamp, channel_first, num_codebooks, dither, dither_p,
+                   key_offset, return_usage):
+    """<ops>.quantize_train (ops: torch.ops.fsq or torch.ops.fsq_triton) with its table, steps and
+    mode id: (codes, indices, usage or None). dither: None, "peer" or "taae"; arguments valid."""
+    table = tables.quantize_table(levels, variant, hard_clamp, z.dtype)
+    steps = list(reference_dither.steps(levels)) if dither is not None else []
+    codes, indices, usage = ops.quantize_train(
+        z, list(levels), variant, bool(hard_clamp), bool(channel_first), int(num_codebooks), table, key_offset,
+        reference_dither.mode_id(dither), float(dither_p), steps, bool(return_usage),
+    )
+    return codes, indices, (usage if return_usage else None)

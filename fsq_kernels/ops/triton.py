@@ -29,16 +29,18 @@ from . import registration, tables
 try:  # the interpreter (TRITON_INTERPRET=1) must be chosen before this import
     import triton  # noqa: F401
 
+    from ..triton import dither as _dk
     from ..triton import fsq as _k
     from ..triton import residual as _rk
 
     _TRITON_IMPORTS = True
 except ImportError:  # pragma: no cover - depends on the environment
-    _k = None
+    _k = _dk = None
     _rk = None
     _TRITON_IMPORTS = False
 
-__all__ = ["indices_to_codes", "is_available", "payload", "quantize", "residual_quantize", "supports"]
+__all__ = ["indices_to_codes", "is_available", "payload", "quantize", "quantize_train", "residual_quantize",
+           "supports"]
 
 MAX_CHANNELS = 64  # channels per codebook: one constexpr lane each
 
@@ -125,15 +127,31 @@ if _TRITON_IMPORTS:
             indices = torch.empty(0, dtype=shapes.index_dtype(levels), device=z.device)
         return codes, indices
 
-    @triton_op("fsq_triton::quantize_backward", mutates_args=())
-    def _quantize_backward_op(
-        grad_codes: Tensor, z: Tensor, levels: list[int], variant: str, hard_clamp: bool,
-        channel_first: bool, num_codebooks: int, table: list[float],
-    ) -> Tensor:
+    def _dither(key_offset, dither_mode: int, dither_p: float, dither_steps) -> "_dk.DitherArgs | None":
+        if dither_mode == _dk.NONE:
+            return None
+        return _dk.DitherArgs(int(dither_mode), float(dither_p), tuple(dither_steps), key_offset)
+
+    @triton_op("fsq_triton::quantize_backward", mutates_args=(), schema=registration.QUANTIZE_BACKWARD_SCHEMA)
+    def _quantize_backward_op(grad_codes, z, levels, variant, hard_clamp, channel_first, num_codebooks, table,
+                              key_offset=None, dither_mode=0, dither_p=0.0, dither_steps=()):
         cst = payload(tuple(levels), variant, hard_clamp, tuple(table))
         return _k.fsq_backward(
             grad_codes, z, cst, _k.VARIANTS[variant], hard_clamp, channel_first, num_codebooks, wrap=_wrap(z),
+            dither=_dither(key_offset, dither_mode, dither_p, dither_steps),
         )
+
+    @triton_op("fsq_triton::quantize_train", mutates_args=(), schema=registration.QUANTIZE_TRAIN_SCHEMA)
+    def _quantize_train_op(z, levels, variant, hard_clamp, channel_first, num_codebooks, table, key_offset,
+                           dither_mode, dither_p, dither_steps, return_usage):
+        cst = payload(tuple(levels), variant, hard_clamp, tuple(table))
+        usage = torch.zeros((num_codebooks, cst["NUM_CODES"]) if return_usage else (0,), dtype=torch.int64,
+                            device=z.device)
+        codes, indices = _k.fsq_forward(
+            z, cst, _k.VARIANTS[variant], hard_clamp, channel_first, num_codebooks, True, wrap=_wrap(z),
+            dither=_dither(key_offset, dither_mode, dither_p, dither_steps), usage=usage if return_usage else None,
+        )
+        return codes, indices, usage
 
     @triton_op("fsq_triton::indices_to_codes", mutates_args=())
     def _indices_to_codes_op(
@@ -182,6 +200,14 @@ def quantize(
         z, list(levels), variant, bool(hard_clamp), bool(channel_first), int(num_codebooks), bool(return_indices), table,
     )
     return codes, (indices if return_indices else None)
+
+
+def quantize_train(z: Tensor, levels: tuple[int, ...], variant: str, hard_clamp: bool, channel_first: bool,
+                   num_codebooks: int, dither: str | None, dither_p: float, key_offset: Tensor | None,
+                   return_usage: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The training forward in one launch: (dithered codes, noiseless indices, histogram or None)."""
+    return registration.quantize_train(torch.ops.fsq_triton, z, levels, variant, hard_clamp, channel_first,
+                                       num_codebooks, dither, dither_p, key_offset, return_usage)
 
 
 def indices_to_codes(

@@ -31,15 +31,6 @@ if _triton_module is not None:
         _kernels.accumulate_usage(indices, counts, wrap=_wrap(indices))
 
 
-def _reference_accumulate(indices: Tensor, counts: Tensor) -> None:
-    groups, size = counts.shape
-    flat = indices.reshape(-1).to(torch.int64)
-    slot = torch.arange(flat.numel(), device=flat.device) % groups
-    valid = (flat >= 0) & (flat < size)
-    bins = torch.where(valid, slot * size + flat, groups * size)  # invalid ones into a spare bin
-    counts.view(-1).add_(torch.bincount(bins, minlength=groups * size + 1)[: groups * size])
-
-
 def accumulate_usage(indices: Tensor, counts: Tensor, *, backend: str = "auto") -> None:
     """counts (G, K) int64 += the per-code histogram of `indices` (int32/int64, last dim G when
     G > 1), in place, in one fused kernel; indices outside [0, K) are skipped."""
@@ -61,7 +52,7 @@ def accumulate_usage(indices: Tensor, counts: Tensor, *, backend: str = "auto") 
     elif runner is not _reference and runner is _triton_module:
         torch.ops.fsq_triton.accumulate_usage(indices, counts)
     else:
-        _reference_accumulate(indices, counts)
+        counts.add_(_reference.histogram(indices, *counts.shape))
 
 
 def usage_fraction(counts: Tensor) -> Tensor:

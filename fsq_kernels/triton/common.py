@@ -50,17 +50,35 @@ def _round_half_even(x):
 
 
 @triton.jit
+def _bf16_high_bits(x):
+    """The bfloat16 nearest to float32 x (ties to even), as the high 16 bits of a uint32; NaN: 0x7FC0."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return tl.where(x != x, 0x7FC0, rounded >> 16)
+
+
+@triton.jit
 def _cast_out(x, DTYPE: tl.constexpr):
     """float32 -> output dtype, round to nearest even.  For bfloat16 the rounding is spelled out
     in integer ops: the interpreter's float32 -> bfloat16 cast truncates, and this way the GPU
     runs exactly the code the CPU tests run (a few integer ops on a memory-bound kernel)."""
     if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        hi = tl.where(x != x, 0x7FC0, rounded >> 16).to(tl.uint16)
-        return hi.to(tl.bfloat16, bitcast=True)
+        return _bf16_high_bits(x).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """float32 x rounded to DTYPE and widened back: the value a store in DTYPE and a load give
+    (the dither adds its noise to the code as stored, as the reference does)."""
+    if DTYPE == tl.bfloat16:
+        y = (_bf16_high_bits(x) << 16).to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        y = x.to(tl.float16).to(tl.float32)
+    else:
+        y = x
+    return y
 
 
 @triton.jit
@@ -73,6 +91,32 @@ def _load_f32(ptrs, mask):
         return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile(unit, lane_off, s_c, C_ONE: tl.constexpr):
+    """[BLOCK, D_PAD] element offsets of a tile: its units' first-channel offsets plus the lanes
+    times the channel stride (C_ONE: the stride is the constant 1)."""
+    if C_ONE:
+        off = unit[:, None] + lane_off[None, :]
+    else:
+        off = unit[:, None] + lane_off[None, :] * s_c
+    return off
+
+
+@triton.jit
+def _grid_code(k, L_i, lane_ok, VARIANT: tl.constexpr):
+    """The code (float32, one rounding) of level index k: (2k - (L-1))/(L-1) for symmetric,
+    (k - L//2)/(L//2) otherwise; padding lanes give 0."""
+    if VARIANT == 2:
+        num = 2 * k - (L_i - 1)[None, :]
+        den = (L_i - 1)[None, :]
+    else:
+        hw = (L_i // 2)[None, :]
+        num = k - hw
+        den = hw
+    den = tl.where(lane_ok[None, :], den, 1)  # padding lanes: no 0/0
+    return tl.div_rn(num.to(tl.float32), den.to(tl.float32))
 
 
 @triton.jit

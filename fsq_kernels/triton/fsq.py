@@ -50,35 +50,42 @@ from .common import (  # noqa: F401  (PAPER..VARIANTS, CMP_MAX_LEVELS: re-export
     VARIANTS,
     CMP_MAX_LEVELS,
     _cast_out,
+    _grid_code,
     _identity,
     _lane_f32,
     _lane_int,
     _level_index,
     _load_f32,
     _one_minus_tanh_abs,
+    _round_to,
+    _tile,
     _unit_offsets,
     index_units,
     on_device,
     plan,
     z_units,
 )
+from .dither import DitherArgs, _dither, _dither_grad, per_batch_element
 
 
 @triton.jit
 def _fsq_fwd_kernel(
-    z_ptr, codes_ptr, idx_ptr,
+    z_ptr, codes_ptr, idx_ptr, usage_ptr, key_offset_ptr,
     n_inner, n_o1, n_o2,
     zs_in, zs_o0, zs_o1, zs_o2, zs_c,
     cs_in, cs_o0, cs_o1, cs_o2, cs_c,
     is_in, is_o0, is_o1, is_o2,
+    ps_in, ps_o0, ps_o1, ps_o2, ps_c,
+    per_batch, p,
     LEVELS: tl.constexpr, HALF_L: tl.constexpr, OFFSET: tl.constexpr, SHIFT: tl.constexpr,
     IN_SCALE: tl.constexpr,
     BASIS: tl.constexpr, BOUNDS: tl.constexpr, MAX_B: tl.constexpr,
     VARIANT: tl.constexpr, HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr,
     WRITE_INDEX: tl.constexpr, INDEX_64: tl.constexpr,
+    DITHER: tl.constexpr, STEPS: tl.constexpr, USAGE: tl.constexpr, NUM_CODES: tl.constexpr, NCB: tl.constexpr,
     Z_IN_ONE: tl.constexpr, Z_IN_CONST: tl.constexpr, Z_C_ONE: tl.constexpr,
     C_IN_ONE: tl.constexpr, C_IN_CONST: tl.constexpr, C_C_ONE: tl.constexpr,
-    I_IN_ONE: tl.constexpr,
+    I_IN_ONE: tl.constexpr, P_IN_ONE: tl.constexpr, P_IN_CONST: tl.constexpr, P_C_ONE: tl.constexpr,
     N_OUTER: tl.constexpr, I64: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -89,39 +96,27 @@ def _fsq_fwd_kernel(
 
     z_unit, row_ok = _unit_offsets(pid, n_inner, n_o1, n_o2, zs_in, zs_o0, zs_o1, zs_o2,
                                    Z_IN_ONE, Z_IN_CONST, BLOCK, N_OUTER, I64)
-    if Z_C_ONE:
-        z_off = z_unit[:, None] + lane_off[None, :]
-    else:
-        z_off = z_unit[:, None] + lane_off[None, :] * zs_c
     mask = row_ok[:, None] & lane_ok[None, :]
-    z = _load_f32(z_ptr + z_off, mask)  # the only read of z
+    z = _load_f32(z_ptr + _tile(z_unit, lane_off, zs_c, Z_C_ONE), mask)  # the only read of z
 
     L_i = _lane_int(LEVELS, lane, D, D_PAD, tl.int32)
-    L_max = (L_i - 1)[None, :]
     k = _level_index(z, lane, L_i, LEVELS, HALF_L, OFFSET, SHIFT, BOUNDS, MAX_B,
                      VARIANT, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK, IN_SCALE)
-
-    if VARIANT == 2:
-        num = 2 * k - L_max
-        den = L_max
-    else:
-        hw = (L_i // 2)[None, :]
-        num = k - hw
-        den = hw
-    den = tl.where(lane_ok[None, :], den, 1)  # padding lanes: no 0/0
-    code = tl.div_rn(num.to(tl.float32), den.to(tl.float32))
     is_nan = z != z
-    code = tl.where(is_nan, z, code)
+    code = tl.where(is_nan, z, _grid_code(k, L_i, lane_ok, VARIANT))
+    if DITHER != 0:  # the noise of each element at counter offset + its row-major position
+        p_unit, _ = _unit_offsets(pid, n_inner, n_o1, n_o2, ps_in, ps_o0, ps_o1, ps_o2,
+                                  P_IN_ONE, P_IN_CONST, BLOCK, N_OUTER, I64)
+        pos = _tile(p_unit, lane_off, ps_c, P_C_ONE).to(tl.int64)
+        code = _dither(_round_to(code, codes_ptr.dtype.element_ty), z, pos, lane, key_offset_ptr, per_batch, p,
+                       STEPS, DITHER, D, D_PAD)
 
     c_unit, _ = _unit_offsets(pid, n_inner, n_o1, n_o2, cs_in, cs_o0, cs_o1, cs_o2,
                               C_IN_ONE, C_IN_CONST, BLOCK, N_OUTER, I64)
-    if C_C_ONE:
-        c_off = c_unit[:, None] + lane_off[None, :]
-    else:
-        c_off = c_unit[:, None] + lane_off[None, :] * cs_c
-    tl.store(codes_ptr + c_off, _cast_out(code, codes_ptr.dtype.element_ty), mask=mask)
+    tl.store(codes_ptr + _tile(c_unit, lane_off, cs_c, C_C_ONE), _cast_out(code, codes_ptr.dtype.element_ty),
+             mask=mask)
 
-    if WRITE_INDEX:
+    if WRITE_INDEX:  # of the noiseless code
         IDT: tl.constexpr = idx_ptr.dtype.element_ty
         basis = _lane_int(BASIS, lane, D, D_PAD, IDT)
         contrib = tl.where(mask, k.to(IDT) * basis[None, :], 0)
@@ -131,20 +126,27 @@ def _fsq_fwd_kernel(
         i_unit, _ = _unit_offsets(pid, n_inner, n_o1, n_o2, is_in, is_o0, is_o1, is_o2,
                                   I_IN_ONE, 0, BLOCK, N_OUTER, I64)
         tl.store(idx_ptr + i_unit, idx.to(IDT), mask=row_ok)
+        if USAGE:  # the histogram, (NCB, NUM_CODES); the index tensor is contiguous: slot = unit % NCB
+            bins = (i_unit % NCB).to(tl.int64) * NUM_CODES + idx.to(tl.int64)
+            tl.atomic_add(usage_ptr + bins, tl.full([BLOCK], 1, tl.int64), mask=row_ok & (idx >= 0), sem="relaxed")
 
 
 @triton.jit
 def _fsq_bwd_kernel(
-    z_ptr, g_ptr, gz_ptr,
+    z_ptr, g_ptr, gz_ptr, key_offset_ptr,
     n_inner, n_o1, n_o2,
     zs_in, zs_o0, zs_o1, zs_o2, zs_c,
     gs_in, gs_o0, gs_o1, gs_o2, gs_c,
     os_in, os_o0, os_o1, os_o2, os_c,
-    SHIFT: tl.constexpr, GRAD_SCALE: tl.constexpr, IN_SCALE: tl.constexpr,
-    VARIANT: tl.constexpr, HARD_CLAMP: tl.constexpr,
+    ps_in, ps_o0, ps_o1, ps_o2, ps_c,
+    per_batch, p,
+    LEVELS: tl.constexpr, HALF_L: tl.constexpr, OFFSET: tl.constexpr, SHIFT: tl.constexpr,
+    GRAD_SCALE: tl.constexpr, IN_SCALE: tl.constexpr, BOUNDS: tl.constexpr, MAX_B: tl.constexpr,
+    VARIANT: tl.constexpr, HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr, DITHER: tl.constexpr,
     Z_IN_ONE: tl.constexpr, Z_IN_CONST: tl.constexpr, Z_C_ONE: tl.constexpr,
     G_IN_ONE: tl.constexpr, G_IN_CONST: tl.constexpr, G_C_ONE: tl.constexpr,
     O_IN_ONE: tl.constexpr, O_IN_CONST: tl.constexpr, O_C_ONE: tl.constexpr,
+    P_IN_ONE: tl.constexpr, P_IN_CONST: tl.constexpr, P_C_ONE: tl.constexpr,
     N_OUTER: tl.constexpr, I64: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -160,20 +162,8 @@ def _fsq_bwd_kernel(
     o_unit, _ = _unit_offsets(pid, n_inner, n_o1, n_o2, os_in, os_o0, os_o1, os_o2,
                               O_IN_ONE, O_IN_CONST, BLOCK, N_OUTER, I64)
     mask = row_ok[:, None] & lane_ok[None, :]
-    if Z_C_ONE:
-        z_off = z_unit[:, None] + lane_off[None, :]
-    else:
-        z_off = z_unit[:, None] + lane_off[None, :] * zs_c
-    if G_C_ONE:
-        g_off = g_unit[:, None] + lane_off[None, :]
-    else:
-        g_off = g_unit[:, None] + lane_off[None, :] * gs_c
-    if O_C_ONE:
-        o_off = o_unit[:, None] + lane_off[None, :]
-    else:
-        o_off = o_unit[:, None] + lane_off[None, :] * os_c
-    z = _load_f32(z_ptr + z_off, mask)
-    g = _load_f32(g_ptr + g_off, mask)
+    z = _load_f32(z_ptr + _tile(z_unit, lane_off, zs_c, Z_C_ONE), mask)
+    g = _load_f32(g_ptr + _tile(g_unit, lane_off, gs_c, G_C_ONE), mask)
 
     if VARIANT == 2:
         x = z
@@ -188,8 +178,20 @@ def _fsq_bwd_kernel(
         d = u * (2.0 - u)  # 1 - tanh^2 = (1 - |t|)(1 + |t|)
     if VARIANT != 2:
         d = d * _lane_f32(GRAD_SCALE, lane, D, D_PAD, 0.0)[None, :]
-    gz = g * d
-    tl.store(gz_ptr + o_off, _cast_out(gz, gz_ptr.dtype.element_ty), mask=mask)
+    if DITHER == 0:
+        gz = g * d
+    else:  # regenerate the words; "peer" also recomputes the noiseless code (as stored) from z
+        p_unit, _ = _unit_offsets(pid, n_inner, n_o1, n_o2, ps_in, ps_o0, ps_o1, ps_o2,
+                                  P_IN_ONE, P_IN_CONST, BLOCK, N_OUTER, I64)
+        pos = _tile(p_unit, lane_off, ps_c, P_C_ONE).to(tl.int64)
+        code = z
+        if DITHER == 1:
+            L_i = _lane_int(LEVELS, lane, D, D_PAD, tl.int32)
+            k = _level_index(z, lane, L_i, LEVELS, HALF_L, OFFSET, SHIFT, BOUNDS, MAX_B,
+                             VARIANT, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK, IN_SCALE)
+            code = tl.where(z != z, z, _round_to(_grid_code(k, L_i, lane_ok, VARIANT), z_ptr.dtype.element_ty))
+        gz = _dither_grad(g, d, code, z, pos, key_offset_ptr, per_batch, p, DITHER)
+    tl.store(gz_ptr + _tile(o_unit, lane_off, os_c, O_C_ONE), _cast_out(gz, gz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -225,21 +227,9 @@ def _fsq_decode_kernel(
     L_safe = tl.where(lane_ok, L_i, 1)
     basis = tl.where(lane_ok, _lane_int(BASIS, lane, D, D_PAD, DT), 1)
     k = (idx[:, None] // basis[None, :]) % L_safe[None, :]
-    if VARIANT == 2:
-        num = 2 * k - (L_safe - 1)[None, :]
-        den = (L_safe - 1)[None, :]
-    else:
-        hw = (L_safe // 2)[None, :]
-        num = k - hw
-        den = hw
-    code = tl.div_rn(num.to(tl.float32), tl.maximum(den, 1).to(tl.float32))
-    code = tl.where(bad[:, None], float("nan"), code)
-    if O_C_ONE:
-        o_off = o_unit[:, None] + lane_off[None, :]
-    else:
-        o_off = o_unit[:, None] + lane_off[None, :] * os_c
+    code = tl.where(bad[:, None], float("nan"), _grid_code(k, L_safe, lane_ok, VARIANT))
     mask = row_ok[:, None] & lane_ok[None, :]
-    tl.store(out_ptr + o_off, _cast_out(code, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + _tile(o_unit, lane_off, os_c, O_C_ONE), _cast_out(code, out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,9 +237,28 @@ def _fsq_decode_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def _positions(z: torch.Tensor, channel_first: bool, ncb: int, d: int):
+    """An operand whose offsets are the elements' row-major positions in z's logical shape (the
+    dither's Philox counters): a contiguous meta tensor of z's shape, strides only."""
+    return z_units(torch.empty(z.shape, device="meta"), channel_first, ncb, d)
+
+
+def _dither_args(geo, dither: DitherArgs | None, shape) -> tuple[tuple, dict]:
+    """The kernels' dither arguments: (position strides, per_batch, p) and the constexprs; the
+    position operand is the last one of `geo` when dithering."""
+    if dither is None:
+        return (0, 0, 0, 0, 0, 1, 0.0), dict(DITHER=0, P_IN_ONE=False, P_IN_CONST=0, P_C_ONE=False)
+    flags = geo.flags[-1]
+    return ((*geo.operand(len(geo.flags) - 1), per_batch_element(shape), float(dither.p)),
+            dict(DITHER=dither.mode, P_IN_ONE=flags[0], P_IN_CONST=flags[1], P_C_ONE=flags[2]))
+
+
 def fsq_forward(z: torch.Tensor, cst: dict, variant: int, hard_clamp: bool, channel_first: bool,
-                num_codebooks: int, return_indices: bool, wrap=_identity):
-    """codes (z.dtype, z's shape and memory format) and indices (or None)."""
+                num_codebooks: int, return_indices: bool, wrap=_identity, *,
+                dither: DitherArgs | None = None, usage: torch.Tensor | None = None):
+    """codes (z.dtype, z's shape and memory format) and indices (or None). With `dither` the codes
+    are the dithered output (the indices stay the noiseless code's); `usage`, a zeroed
+    (num_codebooks, prod(levels)) int64 tensor, receives the histogram of the indices."""
     levels = cst["LEVELS"]
     d, ncb = len(levels), int(num_codebooks)
     idx_shape = shapes.index_shape(z.shape, channel_first, ncb) if return_indices else (0,)
@@ -257,37 +266,45 @@ def fsq_forward(z: torch.Tensor, cst: dict, variant: int, hard_clamp: bool, chan
     codes = torch.empty_like(z)
     if z.numel() == 0:
         return codes, (idx if return_indices else None)
+    assert usage is None or return_indices, "the histogram counts the indices"
     dense_idx = idx if return_indices else torch.empty(
         shapes.index_shape(z.shape, channel_first, ncb), device="meta")  # strides only
 
     def make(copy):
         zz = z.contiguous() if copy else z
         cc = torch.empty_like(zz) if copy else codes
-        zu, cu, iu = z_units(zz, channel_first, ncb, d), z_units(cc, channel_first, ncb, d), \
-            index_units(dense_idx, channel_first, ncb)
-        return zu[0], [zu, cu, iu], zz.numel(), (zz, cc)
+        operands = [z_units(zz, channel_first, ncb, d), z_units(cc, channel_first, ncb, d),
+                    index_units(dense_idx, channel_first, ncb)]
+        if dither is not None:
+            operands.append(_positions(z, channel_first, ncb, d))
+        return operands[0][0], operands, zz.numel(), (zz, cc)
 
     geo, (zz, codes) = plan(make, d)
+    dither_args, dither_cst = _dither_args(geo, dither, z.shape)
     with on_device(zz):  # the tensor's device, not the current one
         wrap(_fsq_fwd_kernel)[geo.grid](
-            zz, codes, idx,
+            zz, codes, idx, idx if usage is None else usage, idx if dither is None else dither.key_offset,
             geo.n_inner, geo.n_o1, geo.n_o2,
-            *geo.operand(0), *geo.operand(1), *geo.operand(2, channel=False),
+            *geo.operand(0), *geo.operand(1), *geo.operand(2, channel=False), *dither_args,
             LEVELS=levels, HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"], IN_SCALE=cst["IN_SCALE"],
             BASIS=cst["BASIS"], BOUNDS=cst["BOUNDS"], MAX_B=cst["MAX_B"],
             VARIANT=variant, HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
             WRITE_INDEX=bool(return_indices), INDEX_64=cst["INDEX_64"],
+            STEPS=() if dither is None else tuple(dither.steps), USAGE=usage is not None,
+            NUM_CODES=cst["NUM_CODES"], NCB=ncb,
             Z_IN_ONE=geo.flags[0][0], Z_IN_CONST=geo.flags[0][1], Z_C_ONE=geo.flags[0][2],
             C_IN_ONE=geo.flags[1][0], C_IN_CONST=geo.flags[1][1], C_C_ONE=geo.flags[1][2],
             I_IN_ONE=geo.flags[2][0],
-            D=d, **geo.common(), num_warps=4,
+            D=d, **dither_cst, **geo.common(), num_warps=4,
         )
     return codes, (idx if return_indices else None)
 
 
 def fsq_backward(grad_codes: torch.Tensor, z: torch.Tensor, cst: dict, variant: int,
-                 hard_clamp: bool, channel_first: bool, num_codebooks: int, wrap=_identity):
-    """grad_z (z.dtype, z's shape and memory format) from grad_codes and z in one pass."""
+                 hard_clamp: bool, channel_first: bool, num_codebooks: int, wrap=_identity, *,
+                 dither: DitherArgs | None = None):
+    """grad_z (z.dtype, z's shape and memory format) from grad_codes and z in one pass; with
+    `dither` (the forward's), the gradient of the dithered output, its words regenerated."""
     d, ncb = len(cst["LEVELS"]), int(num_codebooks)
     grad_z = torch.empty_like(z)
     if z.numel() == 0:
@@ -298,21 +315,25 @@ def fsq_backward(grad_codes: torch.Tensor, z: torch.Tensor, cst: dict, variant: 
         zz, gg = (z.contiguous(), grad_codes.contiguous()) if copy else (z, grad_codes)
         oo = torch.empty_like(zz) if copy else grad_z
         ops = [z_units(t, channel_first, ncb, d) for t in (zz, gg, oo)]
+        if dither is not None:
+            ops.append(_positions(z, channel_first, ncb, d))
         return ops[0][0], ops, zz.numel(), (zz, gg, oo)
 
     geo, (zz, gg, grad_z) = plan(make, d)
-    zf, gf, of = geo.flags
+    zf, gf, of = geo.flags[:3]
+    dither_args, dither_cst = _dither_args(geo, dither, z.shape)
     with on_device(zz):  # the tensor's device, not the current one
         wrap(_fsq_bwd_kernel)[geo.grid](
-            zz, gg, grad_z,
+            zz, gg, grad_z, zz if dither is None else dither.key_offset,
             geo.n_inner, geo.n_o1, geo.n_o2,
-            *geo.operand(0), *geo.operand(1), *geo.operand(2),
-            SHIFT=cst["SHIFT"], GRAD_SCALE=cst["GRAD_SCALE"], IN_SCALE=cst["IN_SCALE"],
-            VARIANT=variant, HARD_CLAMP=bool(hard_clamp),
+            *geo.operand(0), *geo.operand(1), *geo.operand(2), *dither_args,
+            LEVELS=cst["LEVELS"], HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"],
+            GRAD_SCALE=cst["GRAD_SCALE"], IN_SCALE=cst["IN_SCALE"], BOUNDS=cst["BOUNDS"], MAX_B=cst["MAX_B"],
+            VARIANT=variant, HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
             Z_IN_ONE=zf[0], Z_IN_CONST=zf[1], Z_C_ONE=zf[2],
             G_IN_ONE=gf[0], G_IN_CONST=gf[1], G_C_ONE=gf[2],
             O_IN_ONE=of[0], O_IN_CONST=of[1], O_C_ONE=of[2],
-            D=d, **geo.common(), num_warps=4,
+            D=d, **dither_cst, **geo.common(), num_warps=4,
         )
     return grad_z
 
