@@ -315,8 +315,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& z, c10::IntAr
 at::Tensor quantize_backward_cuda(const at::Tensor& grad_codes, const at::Tensor& z,
                                   c10::IntArrayRef levels, c10::string_view variant,
                                   bool hard_clamp, bool channel_first, int64_t num_codebooks,
-                                  c10::ArrayRef<double> table) {
+                                  c10::ArrayRef<double> table,
+                                  const std::optional<at::Tensor>& key_offset, int64_t dither_mode,
+                                  double dither_p, c10::ArrayRef<double> dither_steps) {
   const char* op = "fsq.quantize_backward";
+  (void)key_offset;
+  (void)dither_p;
+  (void)dither_steps;
+  TORCH_CHECK_VALUE(dither_mode == 0, op, ": dither_mode must be 0 on CUDA (fused dither: to come), got ",
+                    dither_mode);
   const Setup s = make_setup(op, levels, variant, hard_clamp, num_codebooks);
   check_float_input(op, "z", z);
   check_cuda_dtype(op, "z", z.scalar_type());

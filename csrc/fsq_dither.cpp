@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> dither_backward_cpu(const at::Tensor& grad_in
   fsq::dither::check_like(grad_in, codes_in, "grad_out");
   const at::Tensor grad = grad_in.contiguous(), codes = codes_in.contiguous(), z = z_in.contiguous();
   at::Tensor grad_codes = at::empty_like(codes, at::MemoryFormat::Contiguous);
-  at::Tensor grad_z = mode == fsq::dither::kTaae ? at::empty_like(z, at::MemoryFormat::Contiguous) : z.new_empty({0});
+  at::Tensor grad_z = a.mode == fsq::dither::kTaae ? at::empty_like(z, at::MemoryFormat::Contiguous) : z.new_empty({0});
   const auto [key, offset] = key_offset_values(key_offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codes.scalar_type(), "fsq_dither_backward_cpu",
                                   [&] { backward_cpu<scalar_t>(grad, codes, z, grad_codes, grad_z, key, offset, a); });

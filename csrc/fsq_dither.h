@@ -1,13 +1,16 @@
-// fsq_dither.h: per-element math of the fused dither, shared by the CPU (fsq_dither.cpp) and
-// CUDA (fsq_dither_cuda.cu) kernels. Contract: docs/dither.md; reference: fsq_kernels/dither.py.
+// fsq_dither.h: per-element math of the dither fused into the quantize kernels
+// (fsq::quantize_train / fsq::quantize_backward; CPU fsq_cpu.cpp, CUDA fsq_cuda.cu), host and
+// device. Contract: docs/dither.md; reference: fsq_kernels/dither.py.
 //
 // Element i (row-major position in z's logical shape) draws Philox4x32-10 words at counter
 // offset + i: u0 - 1/2 is its noise, u1 < p its "peer" mask; its batch element b = i / per_batch
 // draws at offset + b * per_batch, u2 < p (unquantized) and u3 < p (kept) its "taae" masks.
-// Noise and masks are float32; sums run in acc_t (double for double input, float otherwise).
+// Noise and masks are float32; sums run in the math type T (double for double input, float
+// otherwise). The kernels walk (token, channel), so i comes from the token through
+// token_element(): i = (tok / S) * C * S + tok % S + c * S, S the product of z's dims after the
+// channel axis (1 channel-last), C the channel count.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
 #include "fsq_math.h"
@@ -16,7 +19,72 @@
 namespace fsq {
 namespace dither {
 
-constexpr int kPeer = 0, kTaae = 1;
+// dither_mode of the ops
+constexpr int32_t kNone = 0, kPeer = 1, kTaae = 2;
+// What a "taae" batch element outputs (its masks)
+constexpr int32_t kNoisy = 0, kUnquantized = 1, kQuantized = 2;
+
+// The kernels' runtime dither fields (filled by fsq_dither_args.h).
+struct Params {
+  int32_t mode;
+  float p;
+  int64_t spatial;       // S: elements between two channels of one token
+  int64_t channels;      // C
+  int64_t batch_tokens;  // tokens per batch element (taae)
+  float step[kMaxChannels];  // 2/(L-1) in float32, per channel of one codebook (taae)
+};
+
+// Row-major position of channel 0 of token `tok` in z's logical shape (channel c adds c * S).
+FSQ_HD int64_t token_element(int64_t tok, const Params& a) {
+  if (a.spatial == 1) return tok * a.channels;
+  const int64_t outer = tok / a.spatial;
+  return outer * a.channels * a.spatial + (tok - outer * a.spatial);
+}
+
+FSQ_HD philox::Words words(uint64_t key, uint64_t offset, int64_t element) {
+  return philox::randint4x(key, offset + static_cast<uint64_t>(element));
+}
+
+// The "taae" branch of the batch element of token `tok` (words at its first element's counter).
+FSQ_HD int32_t taae_branch(uint64_t key, uint64_t offset, int64_t tok, const Params& a) {
+  const int64_t first = (tok / a.batch_tokens) * a.batch_tokens * a.channels;
+  const philox::Words w = words(key, offset, first);
+  if (!(philox::uniform(w.w[3]) < a.p)) return kNoisy;
+  return philox::uniform(w.w[2]) < a.p ? kUnquantized : kQuantized;
+}
+
+FSQ_HD float noise_of(uint32_t w0) { return philox::uniform(w0) - 0.5f; }
+
+// "peer": clamp(code + noise, -1, 1) where u1 < p, else code (code already in the output dtype).
+template <typename T>
+FSQ_HD T peer_value(T code, const philox::Words& w, float p) {
+  T x = code + static_cast<T>(noise_of(w.w[0]));
+  x = x < T(-1) ? T(-1) : (x > T(1) ? T(1) : x);  // NaN stays NaN (torch.clamp)
+  return philox::uniform(w.w[1]) < p ? x : code;
+}
+
+// "peer" backward: the clamp passes the gradient unless the element was noised and code + noise
+// left [-1, 1] (torch.clamp's backward is inclusive; NaN passes nothing).
+template <typename T>
+FSQ_HD bool peer_passes(T code, const philox::Words& w, float p) {
+  const T x = code + static_cast<T>(noise_of(w.w[0]));
+  return !(philox::uniform(w.w[1]) < p) || (x >= T(-1) && x <= T(1));
+}
+
+// "taae": tanh(z) + noise * step, tanh(z) or the code, by the batch element's branch.
+template <typename T>
+FSQ_HD T taae_value(int32_t branch, T code, T z, uint32_t w0, float step) {
+  if (branch == kQuantized) return code;
+  const T t = tanh_sel(z);
+  if (branch == kUnquantized) return t;
+  return t + static_cast<T>(mul_rn(noise_of(w0), step));  // one float32 multiply, as the reference
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// The standalone fsq::dither / fsq::dither_backward ops (fsq_dither.cpp, fsq_dither_cuda.inc),
+// kept until the op layer calls the fused ops; removed with them.
+// ---------------------------------------------------------------------------------------------
 constexpr int kMaxSteps = 64;
 
 struct Args {
@@ -24,58 +92,38 @@ struct Args {
   int64_t inner;      // elements between two channels of the channel axis
   int64_t channels;   // size of the channel axis
   int d;              // channels per codebook (entries of step)
-  int mode;
+  int mode;           // kPeer or kTaae
   float p;
-  float step[kMaxSteps];  // 2/(L-1) in float32, per channel of a codebook
+  float step[kMaxSteps];
 };
-
-struct Uniforms {
-  float noise, element_mask, unquantized, kept;
-};
-
-FSQ_PHILOX_HD Uniforms draw(uint64_t key, uint64_t offset, int64_t i, const Args& a) {
-  const philox::Words own = philox::randint4x(key, offset + static_cast<uint64_t>(i));
-  Uniforms u{philox::uniform(own.w[0]) - 0.5f, philox::uniform(own.w[1]), 1.0f, 1.0f};
-  if (a.mode == kTaae) {
-    const uint64_t first = static_cast<uint64_t>((i / a.per_batch) * a.per_batch);
-    const philox::Words batch = philox::randint4x(key, offset + first);
-    u.unquantized = philox::uniform(batch.w[2]);
-    u.kept = philox::uniform(batch.w[3]);
-  }
-  return u;
-}
 
 FSQ_PHILOX_HD float step_of(int64_t i, const Args& a) {
   return a.step[((i / a.inner) % a.channels) % a.d];
 }
 
+FSQ_PHILOX_HD int32_t legacy_branch(uint64_t key, uint64_t offset, int64_t i, const Args& a) {
+  const philox::Words w = words(key, offset, (i / a.per_batch) * a.per_batch);
+  if (!(philox::uniform(w.w[3]) < a.p)) return kNoisy;
+  return philox::uniform(w.w[2]) < a.p ? kUnquantized : kQuantized;
+}
+
 template <typename acc_t>
 FSQ_PHILOX_HD acc_t forward(uint64_t key, uint64_t offset, int64_t i, acc_t code, acc_t z, const Args& a) {
-  const Uniforms u = draw(key, offset, i, a);
-  if (a.mode == kPeer) {
-    acc_t x = code + static_cast<acc_t>(u.noise);
-    x = x < acc_t(-1) ? acc_t(-1) : (x > acc_t(1) ? acc_t(1) : x);  // NaN stays NaN (torch.clamp)
-    return u.element_mask < a.p ? x : code;
-  }
-  const acc_t t = tanh(z);
-  if (u.kept < a.p) return u.unquantized < a.p ? t : code;
-  const float scaled = ::fsq::mul_rn(u.noise, step_of(i, a));  // one float32 multiply, as the reference
-  return t + static_cast<acc_t>(scaled);
+  const philox::Words w = words(key, offset, i);
+  if (a.mode == kPeer) return peer_value<acc_t>(code, w, a.p);
+  return taae_value<acc_t>(legacy_branch(key, offset, i, a), code, z, w.w[0], step_of(i, a));
 }
 
 // (dout/dcode, dout/dz) of element i, times grad.
 template <typename acc_t>
-FSQ_PHILOX_HD void backward(uint64_t key, uint64_t offset, int64_t i, acc_t grad, acc_t code, acc_t z, const Args& a,
-                            acc_t* grad_code, acc_t* grad_z) {
-  const Uniforms u = draw(key, offset, i, a);
+FSQ_PHILOX_HD void backward(uint64_t key, uint64_t offset, int64_t i, acc_t grad, acc_t code, acc_t z,
+                            const Args& a, acc_t* grad_code, acc_t* grad_z) {
   if (a.mode == kPeer) {
-    const acc_t x = code + static_cast<acc_t>(u.noise);
-    const bool inside = x >= acc_t(-1) && x <= acc_t(1);
-    *grad_code = (u.element_mask >= a.p || inside) ? grad : acc_t(0);
+    *grad_code = peer_passes<acc_t>(code, words(key, offset, i), a.p) ? grad : acc_t(0);
     *grad_z = acc_t(0);
     return;
   }
-  const bool quantized = u.kept < a.p && !(u.unquantized < a.p);
+  const bool quantized = legacy_branch(key, offset, i, a) == kQuantized;
   *grad_code = quantized ? grad : acc_t(0);
   *grad_z = quantized ? acc_t(0) : grad * ::fsq::sech2<acc_t>(z);
 }

@@ -26,7 +26,7 @@ inline Args make_args(const at::Tensor& z, const at::Tensor& key_offset, at::Arr
               key_offset.scalar_type(), " of shape ", key_offset.sizes());
   TORCH_CHECK(key_offset.device() == z.device(), "fsq::dither: key_offset must be on ", z.device(), "; got ",
               key_offset.device());
-  TORCH_CHECK(mode == kPeer || mode == kTaae, "fsq::dither: mode must be 0 (peer) or 1 (taae); got ", mode);
+  TORCH_CHECK(mode == 0 || mode == 1, "fsq::dither: mode must be 0 (peer) or 1 (taae); got ", mode);
   const int64_t d = static_cast<int64_t>(steps.size());
   TORCH_CHECK(d >= 1 && d <= kMaxSteps, "fsq::dither: steps must hold 1 to ", kMaxSteps, " values; got ", d);
   TORCH_CHECK(z.dim() >= (channel_first ? 2 : 1), "fsq::dither: z must have a channel axis; got shape ", z.sizes());
@@ -42,7 +42,7 @@ inline Args make_args(const at::Tensor& z, const at::Tensor& key_offset, at::Arr
   a.inner = a.inner > 0 ? a.inner : 1;
   a.channels = a.channels > 0 ? a.channels : 1;
   a.d = static_cast<int>(d);
-  a.mode = static_cast<int>(mode);
+  a.mode = static_cast<int>(mode) + 1;  // the op's 0 (peer) / 1 (taae) are kPeer / kTaae
   a.p = static_cast<float>(p);
   for (int64_t j = 0; j < d; ++j) a.step[j] = static_cast<float>(steps[j]);
   return a;

@@ -1,6 +1,6 @@
 // fsq_ops.cpp: schemas of the fsq:: ops and the Python module `fsq_kernels._C`, whose import
-// registers them (the CPU and CUDA implementations register themselves in fsq_cpu.cpp and
-// fsq_cuda.cu). Fake (meta) implementations and autograd live in fsq_kernels/ops/native.py.
+// registers them (the CPU and CUDA implementations register themselves in fsq_cpu.cpp,
+// fsq_cpu_residual.cpp and fsq_cuda.cu). Fake (meta) implementations and autograd live in fsq_kernels/ops/native.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,9 +15,20 @@ TORCH_LIBRARY(fsq, m) {
   m.def(
       "quantize(Tensor z, int[] levels, str variant, bool hard_clamp, bool channel_first, "
       "int num_codebooks, bool return_indices, float[] table) -> (Tensor, Tensor)");
+  // training forward: codes with the dither fused in (dither_mode 0 none, 1 "peer", 2 "taae";
+  // key_offset the int64 [key, offset] on z's device, read by the kernel; dither_steps 2/(L-1)
+  // per channel of a codebook, docs/dither.md), the noiseless indices, and the usage histogram
+  // (num_codebooks, prod(levels)) int64 of this call's indices (an empty (0,) tensor when
+  // return_usage is False)
+  m.def(
+      "quantize_train(Tensor z, int[] levels, str variant, bool hard_clamp, bool channel_first, "
+      "int num_codebooks, float[] table, Tensor? key_offset, int dither_mode, float dither_p, "
+      "float[] dither_steps, bool return_usage) -> (Tensor codes, Tensor indices, Tensor usage)");
+  // the backward of quantize (dither_mode 0) and of quantize_train (the same dither arguments)
   m.def(
       "quantize_backward(Tensor grad_codes, Tensor z, int[] levels, str variant, bool hard_clamp, "
-      "bool channel_first, int num_codebooks, float[] table) -> Tensor");
+      "bool channel_first, int num_codebooks, float[] table, Tensor? key_offset=None, "
+      "int dither_mode=0, float dither_p=0.0, float[] dither_steps=[]) -> Tensor");
   m.def(
       "indices_to_codes(Tensor indices, int[] levels, str variant, bool channel_first, "
       "int num_codebooks, ScalarType dtype, float[] table) -> Tensor");

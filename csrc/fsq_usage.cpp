@@ -2,55 +2,32 @@
 //
 // counts (G, K) int64 += the histogram of `indices`, whose element e belongs to codebook
 // slot e % G (indices contiguous with G = its last dim, or G = 1). Indices outside [0, K) (the -1
-// of NaN tokens, dropped stages) are skipped. CPU: per-thread tables merged at the end while
-// G*K <= kMaxLocalBins; beyond, relaxed atomic increments on counts itself.
+// of NaN tokens, dropped stages) are skipped. CPU: fsq::usage::CpuHistogram (per-thread tables
+// merged at the end while G*K <= 2^16; beyond, relaxed atomic increments on counts itself).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
-#include <vector>
-
 #include "fsq_usage.h"
 
 namespace {
 
-constexpr int64_t kMaxLocalBins = int64_t{1} << 16;  // 512 KiB of int64 per thread
-
 template <typename index_t>
 void accumulate(const index_t* idx, int64_t n, int64_t G, int64_t K, int64_t* counts) {
-  const int64_t bins = G * K;
-  if (bins <= kMaxLocalBins) {
-    std::vector<std::vector<int64_t>> local(static_cast<size_t>(at::get_num_threads()));
-    at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t>& table = local[static_cast<size_t>(at::get_thread_num())];
-      if (table.empty()) table.assign(static_cast<size_t>(bins), 0);
-      int64_t* t = table.data();
-      const uint64_t size = static_cast<uint64_t>(K);
-      if (G == 1) {
-        for (int64_t e = begin; e < end; ++e) {
-          const uint64_t v = static_cast<uint64_t>(static_cast<int64_t>(idx[e]));  // -1 wraps: skipped
-          if (v < size) ++t[v];
-        }
-        return;
-      }
-      for (int64_t e = begin, slot = begin % G; e < end; ++e, slot = slot + 1 == G ? 0 : slot + 1) {
-        const uint64_t v = static_cast<uint64_t>(static_cast<int64_t>(idx[e]));
-        if (v < size) ++t[slot * K + static_cast<int64_t>(v)];
-      }
-    });
-    for (const auto& table : local)
-      for (int64_t b = 0; b < static_cast<int64_t>(table.size()); ++b) counts[b] += table[b];
-    return;
-  }
+  fsq::usage::CpuHistogram hist(counts, G * K);
+  const uint64_t size = static_cast<uint64_t>(K);
   at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      const int64_t v = static_cast<int64_t>(idx[e]);
-      if (v >= 0 && v < K)
-        std::atomic_ref<int64_t>(counts[(e % G) * K + v]).fetch_add(1, std::memory_order_relaxed);
+    int64_t* t = hist.thread_table();
+    for (int64_t e = begin, slot = begin % G; e < end; ++e, slot = slot + 1 == G ? 0 : slot + 1) {
+      const uint64_t v = static_cast<uint64_t>(static_cast<int64_t>(idx[e]));  // -1 wraps: skipped
+      if (v >= size) continue;
+      const int64_t bin = slot * K + static_cast<int64_t>(v);
+      if (t != nullptr) ++t[bin];
+      else hist.add_atomic(bin);
     }
   });
+  hist.merge();
 }
 
 void accumulate_usage_cpu(const at::Tensor& indices_in, const at::Tensor& counts) {

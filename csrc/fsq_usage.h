@@ -1,9 +1,13 @@
 // fsq_usage.h: argument checks of fsq::accumulate_usage (CPU: fsq_usage.cpp, CUDA:
-// fsq_usage_cuda.inc).
+// fsq_usage_cuda.inc) and the CPU histogram it shares with the fused forward (fsq_cpu.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+
+#include <atomic>
+#include <vector>
 
 namespace fsq {
 namespace usage {
@@ -21,6 +25,41 @@ inline void check_args(const at::Tensor& indices, const at::Tensor& counts) {
                     "fsq::accumulate_usage: indices' last dim must be counts.size(0) = ", G, "; got shape ",
                     indices.sizes());
 }
+
+#if !defined(__CUDACC__)
+// A histogram counted by the threads of at::parallel_for: per-thread tables, merged into counts
+// by merge(), while bins <= kMaxLocalBins; beyond, relaxed atomic increments on counts itself.
+class CpuHistogram {
+ public:
+  static constexpr int64_t kMaxLocalBins = int64_t{1} << 16;  // 512 KiB of int64 per thread
+
+  CpuHistogram(int64_t* counts, int64_t bins)
+      : counts_(counts), bins_(bins), local_(bins <= kMaxLocalBins) {
+    if (local_) tables_.resize(static_cast<size_t>(at::get_num_threads()));
+  }
+  // The calling thread's table (inside the parallel region), or nullptr: count with add_atomic.
+  int64_t* thread_table() {
+    if (!local_) return nullptr;
+    std::vector<int64_t>& t = tables_[static_cast<size_t>(at::get_thread_num())];
+    if (t.empty()) t.assign(static_cast<size_t>(bins_), 0);
+    return t.data();
+  }
+  void add_atomic(int64_t bin) {
+    std::atomic_ref<int64_t>(counts_[bin]).fetch_add(1, std::memory_order_relaxed);
+  }
+  // counts += every thread's table (after the parallel region)
+  void merge() {
+    for (const std::vector<int64_t>& t : tables_)
+      for (int64_t b = 0; b < static_cast<int64_t>(t.size()); ++b) counts_[b] += t[b];
+  }
+
+ private:
+  int64_t* counts_;
+  int64_t bins_;
+  bool local_;
+  std::vector<std::vector<int64_t>> tables_;
+};
+#endif
 
 }  // namespace usage
 }  // namespace fsq

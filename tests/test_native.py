@@ -490,3 +490,174 @@ def test_cuda_rows_are_read_with_vector_loads(arch):
         assert items >= 2, (kernel, items)
         body = next(b for name, b in functions.items() if kernel + "IN3c108BFloat16EE" in name)
         assert body.count("LDG.E.64") >= items * operands * per_item, (kernel, body.count("LDG.E.64"))
+
+
+# ---------------------------------------------------------------------------------------------
+# fsq::quantize_train (dither and usage histogram fused into the forward) and the dithered
+# fsq::quantize_backward, called directly, against the reference chain: reference.quantize, then
+# fsq_kernels.dither.apply with the same [key, offset], then torch.bincount.
+# ---------------------------------------------------------------------------------------------
+DITHER_MODES = {0: None, 1: "peer", 2: "taae"}
+
+
+def _train_args(z, levels, channel_first, num_codebooks, mode, p, key_offset, return_usage, variant="symmetric"):
+    from fsq_kernels import dither
+
+    steps = list(dither.steps(levels)) if mode else []
+    return (z, list(levels), variant, False, channel_first, num_codebooks, _table(levels, variant, False, z.dtype),
+            key_offset if mode else None, mode, p, steps, return_usage)
+
+
+def _reference_chain(z, levels, channel_first, num_codebooks, mode, p, key_offset, variant="symmetric"):
+    from fsq_kernels import dither
+
+    codes, indices = reference.quantize(z, levels, variant=variant, channel_first=channel_first,
+                                        num_codebooks=num_codebooks)
+    if mode:
+        codes = dither.apply(codes, z, levels, DITHER_MODES[mode], p, key_offset, channel_first)
+    return codes, indices
+
+
+def _bincount(indices, num_codebooks, size):
+    flat = indices.reshape(-1, num_codebooks)
+    return torch.stack([torch.bincount(col[col >= 0], minlength=size) for col in flat.unbind(1)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["none", "peer", "taae"])
+def test_quantize_train_matches_reference_chain(mode, dtype):
+    from fsq_kernels import dither
+
+    levels = (8, 5, 5, 5)
+    cases = [("cl3d", 1, True), ("cf4d", 2, True), ("cl_strided", 1, False), ("cf_channels_last", 2, True),
+             ("cl_transposed", 2, False), ("cl2d", 1, True)]
+    for n, (layout, num_codebooks, return_usage) in zip([7, 1, 13, 5, 3, 1], cases):
+        z, channel_first = make_z(layout, n, len(levels) * num_codebooks, dtype, seed=n)
+        inject_specials(z, levels, "symmetric", False, channel_first)
+        key_offset = dither.draw_key_offset("cpu", torch.Generator().manual_seed(n))
+        codes, indices, usage = torch.ops.fsq.quantize_train(
+            *_train_args(z, levels, channel_first, num_codebooks, mode, 0.5, key_offset, return_usage))
+        want_codes, want_indices = _reference_chain(z, levels, channel_first, num_codebooks, mode, 0.5, key_offset)
+        assert codes.dtype == dtype and codes.shape == z.shape and codes.stride() == torch.empty_like(z).stride()
+        assert torch.equal(indices, want_indices), layout
+        if mode == 2:  # only the tanh of the unquantized branches is the backend's own (a few ulps)
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(codes, want_codes, rtol=4 * eps, atol=4 * eps, equal_nan=True)
+        else:
+            torch.testing.assert_close(codes, want_codes, rtol=0, atol=0, equal_nan=True)
+        if return_usage:
+            assert usage.dtype == torch.int64 and usage.shape == (num_codebooks, math.prod(levels))
+            assert torch.equal(usage, _bincount(want_indices, num_codebooks, math.prod(levels)))
+            assert int(usage.sum()) == int((want_indices >= 0).sum())  # the NaN token's -1 is skipped
+        else:
+            assert usage.shape == (0,) and usage.dtype == torch.int64
+
+
+def test_quantize_train_noise_depends_on_the_logical_position_only():
+    """The same logical z in three memory layouts gets the same noise; another offset another one."""
+    from fsq_kernels import dither
+
+    levels = (8, 5, 5, 5)
+    z = torch.randn(2, 8, 9, 5)
+    key_offset = torch.tensor([123, 456], dtype=torch.int64)
+    outs = [torch.ops.fsq.quantize_train(*_train_args(x, levels, True, 2, 1, 1.0, key_offset, False))[0]
+            for x in (z, z.contiguous(memory_format=torch.channels_last), z.transpose(2, 3).contiguous().transpose(2, 3))]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    # counter = offset + i: offset + 1 gives element i the noise of element i + 1 (row-major, logical)
+    shifted = torch.ops.fsq.quantize_train(*_train_args(z, levels, True, 2, 1, 1.0, key_offset + torch.tensor([0, 1]),
+                                                        False))[0].flatten()
+    codes = torch.ops.fsq.quantize(z, list(levels), "symmetric", False, True, 2, False,
+                                   _table(levels, "symmetric", False))[0].flatten()
+    noise = dither.element_uniforms(z.shape, key_offset)[0].flatten() - 0.5
+    assert torch.equal(shifted[:-1], (codes[:-1] + noise[1:]).clamp(-1, 1))
+    assert not torch.equal(shifted, outs[0].flatten())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", [1, 2], ids=["peer", "taae"])
+def test_quantize_train_backward_matches_autograd_of_the_chain(mode, dtype):
+    from fsq_kernels import dither
+
+    levels = (8, 5, 5, 5)
+    for layout, num_codebooks, variant in [("cf4d", 2, "symmetric"), ("cl_strided", 1, "symmetric"),
+                                           ("cl3d", 1, "atanh")]:
+        z, channel_first = make_z(layout, 11, len(levels) * num_codebooks, dtype, seed=5)
+        key_offset = dither.draw_key_offset("cpu", torch.Generator().manual_seed(7))
+        z.requires_grad_(True)
+        want_codes, _ = _reference_chain(z, levels, channel_first, num_codebooks, mode, 0.5, key_offset, variant)
+        g = torch.randn(z.shape, dtype=torch.float64).to(dtype)
+        (want,) = torch.autograd.grad(want_codes, z, g)
+        args = _train_args(z.detach(), levels, channel_first, num_codebooks, mode, 0.5, key_offset, False, variant)
+        got = torch.ops.fsq.quantize_backward(g, *args[:11])
+        assert got.dtype == dtype and got.shape == z.shape
+        tol = GRAD_TOLERANCE[dtype] if dtype != torch.bfloat16 else {"rtol": 0.016, "atol": 1e-2}
+        torch.testing.assert_close(got, want, **tol)
+        assert torch.equal(got == 0, want == 0)  # the peer clamp's mask is exact
+        # dither_mode 0 is quantize's backward
+        plain = torch.ops.fsq.quantize_backward(g, *args[:7])
+        assert torch.equal(plain, torch.ops.fsq.quantize_backward(g, *args[:7], None, 0, 0.0, []))
+
+
+def test_quantize_train_empty_and_deterministic_across_threads():
+    levels = (8, 5, 5, 5)
+    key_offset = torch.tensor([5, -7], dtype=torch.int64)
+    for shape, channel_first in [((0, 4), False), ((2, 4, 0, 3), True), ((0, 8, 5), True)]:
+        z = torch.empty(shape)
+        num_codebooks = shape[1 if channel_first else -1] // 4
+        for mode in (0, 1, 2):
+            codes, indices, usage = torch.ops.fsq.quantize_train(
+                *_train_args(z, levels, channel_first, num_codebooks, mode, 0.5, key_offset, True))
+            assert codes.shape == z.shape and indices.numel() == 0
+            assert usage.shape == (num_codebooks, 1000) and int(usage.abs().sum()) == 0
+            grad = torch.ops.fsq.quantize_backward(z, *_train_args(z, levels, channel_first, num_codebooks, mode, 0.5,
+                                                                   key_offset, True)[:11])
+            assert grad.shape == z.shape
+    z = torch.randn(3, 1 << 14, 8) * 2
+    g = torch.randn_like(z)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for mode in (1, 2):
+                args = _train_args(z, levels, False, 2, mode, 0.3, key_offset, True)
+                outs.append((*torch.ops.fsq.quantize_train(*args), torch.ops.fsq.quantize_backward(g, *args[:11])))
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(outs[:2], outs[2:]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_quantize_train_errors_name_the_argument():
+    levels = (8, 5, 5, 5)
+    z = torch.randn(4, 4)
+    key_offset = torch.tensor([1, 2], dtype=torch.int64)
+
+    def train(**change):
+        args = dict(zip(["z", "levels", "variant", "hard_clamp", "channel_first", "num_codebooks", "table",
+                         "key_offset", "dither_mode", "dither_p", "dither_steps", "return_usage"],
+                        _train_args(z, levels, False, 1, 2, 0.5, key_offset, True)))
+        args.update(change)
+        return torch.ops.fsq.quantize_train(*args.values())
+
+    with pytest.raises(ValueError, match=r"dither_mode must be 0 \(none\), 1 \(peer\) or 2 \(taae\), got 3"):
+        train(dither_mode=3)
+    with pytest.raises(ValueError, match=r"dither_p must be a float in \[0, 1\], got 1.5"):
+        train(dither_p=1.5)
+    with pytest.raises(ValueError, match="key_offset must be an int64 tensor of shape \\(2,\\).*got None"):
+        train(key_offset=None)
+    with pytest.raises(TypeError, match="key_offset must be an int64 tensor, got dtype Int"):
+        train(key_offset=key_offset.int())
+    with pytest.raises(ValueError, match=r"key_offset must have shape \(2,\), got \[3\]"):
+        train(key_offset=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="dither_steps must hold len\\(levels\\) = 4 values .* got 3"):
+        train(dither_steps=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="dither_steps must be empty or hold len\\(levels\\) = 4 values, got 2"):
+        train(dither_mode=1, dither_steps=[0.5, 0.5])
+    with pytest.raises(ValueError, match="return_usage=True needs num_codebooks \\* prod\\(levels\\) <= 2\\^28"):
+        big = (1 << 20, 1 << 10)
+        torch.ops.fsq.quantize_train(torch.randn(3, 2), list(big), "symmetric", False, False, 1,
+                                     _table(big, "symmetric", False), None, 0, 0.0, [], True)
+    with pytest.raises(ValueError, match="fsq.quantize_backward: dither_mode must be"):
+        torch.ops.fsq.quantize_backward(z, *_train_args(z, levels, False, 1, 2, 0.5, key_offset, True)[:7],
+                                        key_offset, 5, 0.5, [])
