@@ -147,6 +147,27 @@ def test_without_dither_codes_equal_quantize(backend, device):
     assert ops.quantize_train(z, (8, 5, 5, 5), num_codebooks=2, backend=backend)[2] is None
 
 
+@pytest.mark.parametrize("backend,device", [p for p in TRAIN_BACKENDS if p.values[0] != "reference"])
+@pytest.mark.parametrize("mode", ["peer", "taae"])
+def test_opcheck(backend, device, mode):
+    """Schema, fake tensor and autograd registration of quantize_train and of quantize_backward
+    with the dither arguments, in the backend's namespace."""
+    from fsq_kernels.ops import tables
+
+    namespace = torch.ops.fsq_triton if backend == "triton" else torch.ops.fsq
+    tests = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    if device.type == "cuda" or backend == "cpp":
+        tests.append("test_aot_dispatch_dynamic")  # tracing runs the kernels: not in the interpreter
+    z = torch.randn(3, 6, 4, device=device).requires_grad_()
+    levels, table = [5, 4, 3], tables.quantize_table((5, 4, 3), "symmetric", False, torch.float32)
+    dither_args = (_key_offset(device), dither.mode_id(mode), 0.5, list(dither.steps(levels)))
+    torch.library.opcheck(namespace.quantize_train.default,
+                          (z, levels, "symmetric", False, True, 2, table, *dither_args, True), test_utils=tests)
+    torch.library.opcheck(namespace.quantize_backward.default,
+                          (torch.randn_like(z), z.detach(), levels, "symmetric", False, True, 2, table, *dither_args),
+                          test_utils=tests)
+
+
 def test_reference_is_philox_at_element_counters():
     """The documented counters: element i at offset + i (row-major), batch masks at offset + b*per_batch."""
     z = torch.zeros(3, 4, 2)
@@ -217,3 +238,46 @@ def test_errors_name_the_argument():
         ops.quantize_train(z, (5, 5), variant="symmetric", dither="peer")
     with pytest.raises(ValueError, match="dither"):
         fsq_kernels.FSQ([5, 5], dither="taae")
+
+
+_COMPILE_JOB = """
+import json, torch
+from tests.test_triton_static import _capture_launch, _compile_captured, _ptxas_report
+from fsq_kernels import dither
+from fsq_kernels.ops import tables
+from fsq_kernels.ops.triton import payload
+from fsq_kernels.triton import fsq
+from fsq_kernels.triton.dither import DitherArgs
+levels, out = (8, 5, 5, 5), []
+for dtype, channel_first, mode in ((torch.float32, False, 1), (torch.bfloat16, True, 2)):
+    z = torch.empty((2, 8, 32, 32) if channel_first else (4096, 8), dtype=dtype, device="meta")
+    cst = payload(levels, "symmetric", False, tuple(tables.quantize_table(levels, "symmetric", False, dtype)))
+    args = DitherArgs(mode, 0.5, dither.steps(levels), torch.empty(2, dtype=torch.int64, device="meta"))
+    usage = torch.empty(2, 1000, dtype=torch.int64, device="meta")
+    for launcher, a, kw in ((fsq.fsq_forward, (z, cst, 2, False, channel_first, 2, True), dict(dither=args, usage=usage)),
+                            (fsq.fsq_backward, (torch.empty_like(z), z, cst, 2, False, channel_first, 2), dict(dither=args))):
+        kernel, _, ka, kkw = _capture_launch(launcher, *a, **kw)
+        ptx = _compile_captured(kernel, ka, dict(kkw), 90).asm["ptx"]
+        out.append(dict(_ptxas_report(ptx, 90), atomics=ptx.count("atom.global") + ptx.count("red.global")))
+print(json.dumps(out))
+"""
+
+
+def test_fused_triton_kernels_compile_for_sm90_without_spills():
+    """The dithered, histogram-counting forward and the dithered backward compile for a real GPU
+    (sm_90, the Triton compiler rather than the interpreter the other tests run) without spills."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_JOB], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["spill_store_bytes"] + r["spill_load_bytes"] for r in reports] == [0, 0, 0, 0]
+    assert reports[0]["atomics"] > 0 and reports[2]["atomics"] > 0  # the forwards count the histogram

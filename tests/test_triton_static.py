@@ -80,7 +80,12 @@ def _compile_captured(kernel, args, kwargs, cc):
     options = {"num_warps": kwargs.pop("num_warps", 4)}
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, value) in enumerate(zip(names, args)):
-        if isinstance(value, torch.Tensor):
+        if value is None:  # an unused pointer (the dither's key, the usage table): a constexpr None
+            signature[name] = "constexpr"
+            constexprs[name] = None
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif isinstance(value, torch.Tensor):
             signature[name] = _ptr_type(value)
             attrs[(i,)] = [["tt.divisibility", 16]]  # 16-byte-aligned allocations
         elif isinstance(value, bool):

@@ -55,17 +55,19 @@ def _element_uniforms(key_offset_ptr, pos):
 
 
 @triton.jit
-def _batch_uniforms(key_offset_ptr, pos, per_batch):
-    """(u2, u3) at the counter of the first element of the element's batch element."""
-    _, _, w2, w3 = tl.randint4x(tl.load(key_offset_ptr), tl.load(key_offset_ptr + 1) + (pos - pos % per_batch))
-    return _uniform(w2), _uniform(w3)
+def _batch_uniforms(key_offset_ptr, row_pos, per_batch):
+    """(u2, u3) ([BLOCK, 1]) at the counter of the first element of each unit's batch element:
+    the channels of a unit (token, codebook) share their batch element, so one draw per unit."""
+    _, _, w2, w3 = tl.randint4x(tl.load(key_offset_ptr), tl.load(key_offset_ptr + 1) + (row_pos - row_pos % per_batch))
+    return _uniform(w2)[:, None], _uniform(w3)[:, None]
 
 
 @triton.jit
-def _dither(code, z, pos, lane, key_offset_ptr, per_batch, p, STEPS: tl.constexpr, MODE: tl.constexpr,
+def _dither(code, z, pos, row_pos, lane, key_offset_ptr, per_batch, p, STEPS: tl.constexpr, MODE: tl.constexpr,
             D: tl.constexpr, D_PAD: tl.constexpr):
     """The dithered output (float32) of a [BLOCK, D_PAD] tile: `code` is the noiseless code as
-    stored in the output dtype, z the input (float32), pos the elements' positions (int64)."""
+    stored in the output dtype, z the input (float32), pos the elements' positions and row_pos
+    their units' first positions (int64)."""
     u0, u1 = _element_uniforms(key_offset_ptr, pos)
     noise = u0 - 0.5
     if MODE == 1:
@@ -73,7 +75,7 @@ def _dither(code, z, pos, lane, key_offset_ptr, per_batch, p, STEPS: tl.constexp
         x = tl.where(x < -1.0, -1.0, tl.where(x > 1.0, 1.0, x))  # NaN stays NaN, as torch.clamp
         out = tl.where(u1 < p, x, code)
     else:
-        u2, u3 = _batch_uniforms(key_offset_ptr, pos, per_batch)
+        u2, u3 = _batch_uniforms(key_offset_ptr, row_pos, per_batch)
         t = _tanh(z)
         noisy = t + noise * _lane_f32(STEPS, lane, D, D_PAD, 0.0)[None, :]
         out = tl.where(u3 < p, tl.where(u2 < p, t, code), noisy)
@@ -81,7 +83,7 @@ def _dither(code, z, pos, lane, key_offset_ptr, per_batch, p, STEPS: tl.constexp
 
 
 @triton.jit
-def _dither_grad(g, d, code, z, pos, key_offset_ptr, per_batch, p, MODE: tl.constexpr):
+def _dither_grad(g, d, code, z, pos, row_pos, key_offset_ptr, per_batch, p, MODE: tl.constexpr):
     """grad_z of the dithered output from its gradient g and the straight-through factor d:
     peer: 0 where the element was noised and code + noise left [-1, 1] (torch.clamp's inclusive
     backward), else g * d; taae: g * d where the batch element took the quantized code, else
@@ -92,7 +94,7 @@ def _dither_grad(g, d, code, z, pos, key_offset_ptr, per_batch, p, MODE: tl.cons
         inside = (x >= -1.0) & (x <= 1.0)
         gz = tl.where((u1 < p) & ~inside, 0.0, g) * d
     else:
-        u2, u3 = _batch_uniforms(key_offset_ptr, pos, per_batch)
+        u2, u3 = _batch_uniforms(key_offset_ptr, row_pos, per_batch)
         u = _one_minus_tanh_abs(z)
         gz = g * tl.where((u3 < p) & (u2 >= p), d, u * (2.0 - u))
     return gz

@@ -108,8 +108,8 @@ def _fsq_fwd_kernel(
         p_unit, _ = _unit_offsets(pid, n_inner, n_o1, n_o2, ps_in, ps_o0, ps_o1, ps_o2,
                                   P_IN_ONE, P_IN_CONST, BLOCK, N_OUTER, I64)
         pos = _tile(p_unit, lane_off, ps_c, P_C_ONE).to(tl.int64)
-        code = _dither(_round_to(code, codes_ptr.dtype.element_ty), z, pos, lane, key_offset_ptr, per_batch, p,
-                       STEPS, DITHER, D, D_PAD)
+        code = _dither(_round_to(code, codes_ptr.dtype.element_ty), z, pos, p_unit.to(tl.int64), lane,
+                       key_offset_ptr, per_batch, p, STEPS, DITHER, D, D_PAD)
 
     c_unit, _ = _unit_offsets(pid, n_inner, n_o1, n_o2, cs_in, cs_o0, cs_o1, cs_o2,
                               C_IN_ONE, C_IN_CONST, BLOCK, N_OUTER, I64)
@@ -190,7 +190,7 @@ def _fsq_bwd_kernel(
             k = _level_index(z, lane, L_i, LEVELS, HALF_L, OFFSET, SHIFT, BOUNDS, MAX_B,
                              VARIANT, HARD_CLAMP, USE_CMP, D, D_PAD, BLOCK, IN_SCALE)
             code = tl.where(z != z, z, _round_to(_grid_code(k, L_i, lane_ok, VARIANT), z_ptr.dtype.element_ty))
-        gz = _dither_grad(g, d, code, z, pos, key_offset_ptr, per_batch, p, DITHER)
+        gz = _dither_grad(g, d, code, z, pos, p_unit.to(tl.int64), key_offset_ptr, per_batch, p, DITHER)
     tl.store(gz_ptr + _tile(o_unit, lane_off, os_c, O_C_ONE), _cast_out(gz, gz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -283,7 +283,7 @@ def fsq_forward(z: torch.Tensor, cst: dict, variant: int, hard_clamp: bool, chan
     dither_args, dither_cst = _dither_args(geo, dither, z.shape)
     with on_device(zz):  # the tensor's device, not the current one
         wrap(_fsq_fwd_kernel)[geo.grid](
-            zz, codes, idx, idx if usage is None else usage, idx if dither is None else dither.key_offset,
+            zz, codes, idx, usage, None if dither is None else dither.key_offset,  # None: unused (constexpr)
             geo.n_inner, geo.n_o1, geo.n_o2,
             *geo.operand(0), *geo.operand(1), *geo.operand(2, channel=False), *dither_args,
             LEVELS=levels, HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"], IN_SCALE=cst["IN_SCALE"],
@@ -324,7 +324,7 @@ def fsq_backward(grad_codes: torch.Tensor, z: torch.Tensor, cst: dict, variant: 
     dither_args, dither_cst = _dither_args(geo, dither, z.shape)
     with on_device(zz):  # the tensor's device, not the current one
         wrap(_fsq_bwd_kernel)[geo.grid](
-            zz, gg, grad_z, zz if dither is None else dither.key_offset,
+            zz, gg, grad_z, None if dither is None else dither.key_offset,
             geo.n_inner, geo.n_o1, geo.n_o2,
             *geo.operand(0), *geo.operand(1), *geo.operand(2), *dither_args,
             LEVELS=cst["LEVELS"], HALF_L=cst["HALF_L"], OFFSET=cst["OFFSET"], SHIFT=cst["SHIFT"],
