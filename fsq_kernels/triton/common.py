@@ -1,7 +1,7 @@
 """Shared pieces of the Triton kernels: variant ids, device helpers (tanh from exp2,
 round-half-even, bfloat16 rounding, per-lane constexpr selection, the level index) and the launch
 geometry (strided unit dims collapsed to one blocked inner dim plus up to MAX_OUTER outer dims).
-Used by the FSQ, residual, dither and usage kernels; see fsq.py for the design."""
+Used by the FSQ (with dither.py's helpers), residual and usage kernels; see fsq.py for the design."""
 
 from __future__ import annotations
 

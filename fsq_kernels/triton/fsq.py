@@ -32,6 +32,12 @@ Design (see docs/design.md for the math contract):
   nearest even by integer ops, see ``_cast_out``); indices int32 or int64 (-1 for a codebook
   with a NaN channel).  Backward reads z and grad_codes once and writes grad_z; decode reads
   one index per (token, codebook) and writes its d codes, with no codebook in memory.
+* Training (constexprs DITHER, USAGE; the op fsq_triton::quantize_train): the forward adds the
+  dither to the code it stores (docs/dither.md; helpers in dither.py), its Philox counter the
+  element's row-major position in z's logical shape, an extra strides-only operand of the
+  geometry, so the noise is independent of layout and launch; it writes the noiseless indices
+  and atomically adds each (token, codebook) to a zeroed (num_codebooks, prod(L)) histogram.
+  The backward regenerates the words and applies the dither's mask.
 * Launchers read shapes and strides only (never tensor values): no host-device sync.
 """
 
