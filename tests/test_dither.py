@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fsq_kernels
 from fsq_kernels import dither, ops
@@ -132,6 +134,35 @@ def test_fused_training_forward_matches_the_two_op_chain(backend, device, case, 
         tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
         torch.testing.assert_close(out, ref, equal_nan=True, **tol)
         torch.testing.assert_close(g, g_chain, equal_nan=True, **tol)
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch=st.integers(1, 5), tokens=st.integers(1, 9), levels=st.lists(st.integers(2, 9), min_size=1, max_size=4),
+       num_codebooks=st.integers(1, 3), channel_first=st.booleans(), mode=st.sampled_from([None, "peer", "taae"]),
+       p=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2**16))
+def test_fused_backends_agree_with_the_reference_fuzzed(batch, tokens, levels, num_codebooks, channel_first, mode, p,
+                                                        seed):
+    """Random shapes, level sets, codebooks, layouts and p: every fused backend's codes (peer and
+    no dither bit for bit, taae within float32 rounding), indices and histogram equal the reference's."""
+    channels = len(levels) * num_codebooks
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, channels, tokens) if channel_first else (batch, tokens, channels)
+    z = torch.randn(shape, generator=gen) * 2
+    key_offset = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=gen)
+    kwargs = dict(variant="symmetric", channel_first=channel_first, num_codebooks=num_codebooks, dither=mode,
+                  dither_p=p, return_usage=True)
+    ref = ops.quantize_train(z, levels, key_offset=key_offset, backend="reference", **kwargs)
+    for param in TRAIN_BACKENDS:
+        backend, device = param.values
+        if backend == "reference":
+            continue
+        codes, indices, usage = ops.quantize_train(z.to(device), levels, key_offset=key_offset.to(device),
+                                                   backend=backend, **kwargs)
+        assert torch.equal(indices.cpu(), ref[1]) and torch.equal(usage.cpu(), ref[2]), backend
+        if mode == "taae":
+            torch.testing.assert_close(codes.cpu(), ref[0], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(codes.cpu(), ref[0]), backend
 
 
 @pytest.mark.parametrize("backend,device", TRAIN_BACKENDS)
