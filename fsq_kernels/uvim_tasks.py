@@ -4,13 +4,19 @@ Every image is generated from (seed, split, index) alone: the parameters of imag
 one uniform matrix drawn from ``np.random.default_rng([seed, task, split])``, so image i is the
 same whatever the number of images, and the splits use disjoint streams. Nothing is downloaded.
 
-- ``depth``: 2-4 shapes (disk, square, triangle) at depths U(1.5, 7.5) in front of a wall at
-  U(8.5, 10); nearer shapes occlude farther ones. Depth lies in DEPTH_RANGE = [1, 10]. The only
-  per-shape depth cue is weak fog (colour pulled towards grey by up to 0.3 x (depth-1)/9), and
-  colours are random, so the image leaves each shape's depth ambiguous.
+- ``depth``: 2-4 shapes (disk, square, triangle) of random size and colour standing on a ground
+  plane in front of a wall at 9.5; depth lies in DEPTH_RANGE = [1, 10]. A shape's depth is set by
+  height in the visual field: linear in the row of its bottom edge, from 1.5 (bottom of the image)
+  to 7.5 (highest possible bottom), and nearer shapes occlude farther ones. Per-shape appearance
+  cues stay weak (random colour and size; weak fog pulls colour towards grey by up to
+  0.3 x (depth-1)/9): depth is read from where a shape stands in the image, which needs absolute
+  position (a translation-equivariant base model has it only from the border; the language
+  model's image tokens and code positions carry it explicitly).
 - ``colorization``: gray (luminance) in, RGB out. 1-3 shapes; a shape's type sets its colour family
-  (disk: reds, square: greens, triangle: blues; three hues each) and the background is one of
-  four colours (two dark, two light): the gray image narrows the colours, the code picks them.
+  (disk: reds, square: greens, triangle: blues; three hues each, of equal luminance within a
+  family) and the background is one of four colours (two dark, two light, of equal luminance
+  within each pair): the gray image gives the family and dark/light, never the hue, so the
+  colours stay multi-modal given x; the code picks them.
 - ``panoptic``: 1-MAX_INSTANCES shapes of 3 classes (same-class instances share a colour, so
   touching ones are ambiguous), target per-pixel class (0 = background "stuff", 1-3) and
   instance id (0 = background; things 1..k ordered by centre of mass, row-major: by the pixel
@@ -40,20 +46,35 @@ __all__ = ["TASKS", "DEPTH_RANGE", "MAX_INSTANCES", "TaskData", "Task", "get_tas
 TASKS = ("depth", "colorization", "panoptic")
 SIZE = 32
 DEPTH_RANGE = (1.0, 10.0)
+SHAPE_DEPTH = (1.5, 7.5)  # shapes: from the lowest bottom edge (nearest) to the highest
+WALL_DEPTH = 9.5
 MAX_INSTANCES = 4
 NUM_THING_CLASSES = 3
 MIN_VISIBLE = 6
 _SPLITS = {"train": 0, "val": 1, "test": 2}
 _SLOT = 8  # parameters per shape slot: kind, size, x, y, depth or hue, 3 x colour
 _HEAD = 16  # per-image parameters before the slots: count, background, class colours
-_PALETTES = np.array([
-    [[0.90, 0.20, 0.15], [0.95, 0.55, 0.10], [0.85, 0.20, 0.55]],   # disk: reds
-    [[0.25, 0.75, 0.20], [0.55, 0.80, 0.15], [0.10, 0.65, 0.50]],   # square: greens
-    [[0.20, 0.35, 0.90], [0.45, 0.25, 0.85], [0.15, 0.60, 0.90]],   # triangle: blues
-], dtype=np.float32)
-_BACKGROUNDS = np.array([[0.10, 0.12, 0.30], [0.30, 0.10, 0.12], [0.92, 0.88, 0.70], [0.72, 0.86, 0.95]],
-                        dtype=np.float32)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _equal_luma(red_blue: list, luma: float) -> np.ndarray:
+    """RGB colours with the given red and blue and the green that puts each at luminance `luma`,
+    so that the gray image cannot tell them apart."""
+    rb = np.array(red_blue, dtype=np.float64)
+    g = (luma - _LUMA[0] * rb[:, 0] - _LUMA[2] * rb[:, 1]) / _LUMA[1]
+    return np.stack([rb[:, 0], g, rb[:, 1]], 1).astype(np.float32)
+
+
+# A shape's type sets its colour family; the three hues of a family share one luminance (the gray
+# image gives the family through the shape, never the hue). Families differ in luminance.
+_PALETTES = np.stack([
+    _equal_luma([[0.95, 0.20], [0.75, 0.08], [0.85, 0.75]], 0.45),   # disk: red, orange, magenta
+    _equal_luma([[0.15, 0.15], [0.55, 0.05], [0.05, 0.70]], 0.55),   # square: green, olive, teal
+    _equal_luma([[0.05, 0.95], [0.55, 0.95], [0.05, 0.60]], 0.35),   # triangle: azure, violet, petrol
+])
+# Backgrounds: two dark of one luminance, two light of another.
+_BACKGROUNDS = np.concatenate([_equal_luma([[0.10, 0.45], [0.35, 0.10]], 0.15),      # navy, maroon
+                               _equal_luma([[0.95, 0.60], [0.65, 0.95]], 0.85)])     # cream, sky
 
 
 @dataclasses.dataclass
@@ -96,13 +117,16 @@ def _depth(p: np.ndarray) -> TaskData:
     s, kind, r, cx, cy = _slots(p, _HEAD, 4, 0.18, 0.30)
     count = 2 + np.minimum((p[:, 0] * 3).astype(np.int64), 2)
     active = np.arange(4)[None] < count[:, None]
-    depth = 1.5 + 6.0 * s[..., 4]
+    # Height in the visual field: the shapes stand on a ground plane seen from above its horizon,
+    # so a shape whose bottom is lower in the image is nearer (depth linear in the bottom's row).
+    bottom = cy + r
+    depth = SHAPE_DEPTH[0] + (SHAPE_DEPTH[1] - SHAPE_DEPTH[0]) * np.clip(
+        (SIZE - bottom) / (SIZE - 2 * 0.18 * SIZE), 0.0, 1.0)
     colour = 0.15 + 0.8 * s[..., 5:8]
     fog = (0.3 * (depth - DEPTH_RANGE[0]) / (DEPTH_RANGE[1] - DEPTH_RANGE[0]))[..., None]
     colour = colour * (1 - fog) + 0.5 * fog
-    wall = 8.5 + 1.5 * p[:, 1]
     img = np.broadcast_to((0.2 + 0.6 * p[:, 2:5])[:, :, None, None], (n, 3, SIZE, SIZE)).copy()
-    dmap = np.broadcast_to(wall[:, None, None, None], (n, 1, SIZE, SIZE)).copy()
+    dmap = np.full((n, 1, SIZE, SIZE), WALL_DEPTH, dtype=np.float64)
     fg = np.zeros((n, SIZE, SIZE), dtype=bool)
     order = np.argsort(np.where(active, -depth, -np.inf), axis=1)  # far to near; inactive first, skipped
     rows = np.arange(n)

@@ -65,6 +65,31 @@ def test_colorization_input_is_the_luminance_of_the_target():
     assert (gray - d.x.float() / 255).abs().max() < 3 / 255
 
 
+def test_colorization_hues_of_a_family_share_their_luminance():
+    # the gray image must give a shape's colour family (through its type) but never its hue
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    palettes = torch.from_numpy(T._PALETTES)  # (family, hue, RGB)
+    fam = palettes @ luma
+    assert (fam - fam[:, :1]).abs().max() < 1e-6
+    assert (palettes[:, :, None] - palettes[:, None]).abs().amax(-1).add(torch.eye(3)).min() > 0.15  # hues differ
+    assert ((palettes >= 0) & (palettes <= 1)).all()
+    bg = torch.from_numpy(T._BACKGROUNDS) @ luma
+    assert abs(bg[0] - bg[1]) < 1e-6 and abs(bg[2] - bg[3]) < 1e-6 and bg[2] - bg[0] > 0.5
+
+
+def test_depth_is_set_by_height_in_the_visual_field():
+    d = T.generate("depth", 300, seed=5)
+    rows = torch.arange(32, dtype=torch.float32)
+    for i in range(300):
+        y = d.y[i, 0]
+        for v in y[d.fg[i]].unique():
+            m = y == v  # one visible shape (depths are continuous, so distinct)
+            lowest = rows[m.any(1)].max()
+            # the bottom edge of the visible part is no lower than the shape's own bottom edge
+            assert float(v) <= T.SHAPE_DEPTH[0] + (T.SHAPE_DEPTH[1] - T.SHAPE_DEPTH[0]) * float(
+                (32 - (lowest + 0.5)) / (32 - 2 * 0.18 * 32)) + 0.6
+
+
 def test_generate_validates_its_arguments():
     with pytest.raises(ValueError, match="task"):
         T.generate("segmentation", 4)
@@ -200,16 +225,27 @@ def test_oracle_path_shapes(task, quantizer):
     assert torch.allclose(model.codes(ind), codes, atol=1e-6)  # indices decode to the same code
     pred = t.predict(model.decode(x, codes))
     assert pred.shape[0] == 5 and t.aggregate(t.image_stats(pred, y, d.fg))[t.metric] >= 0
+    # what the language model reads with lm_input="features": the no-code bottleneck on the 8x8 grid
+    feats = model.image_features(x)
+    assert feats.shape == (5, 2 * 32, 8, 8)
+    h1, h2, h = model.base.encode(x, torch.zeros(5, model.code_dim, 4, 4), torch.zeros(5, 4, 4))
+    assert torch.equal(feats, h)
 
 
-def test_language_model_path_shapes_and_causality():
+@pytest.mark.parametrize("in_stride,x_shape", [(4, (3, 1, 32, 32)), (1, (3, 64, 8, 8))])
+def test_language_model_path_shapes_and_causality(in_stride, x_shape):
     torch.manual_seed(0)
-    lm = CodeLM(vocab=45, num_tokens=16, x_channels=1, width=32, depth=1, heads=2)
-    x = torch.rand(3, 1, 32, 32)
+    lm = CodeLM(vocab=45, num_tokens=16, x_channels=x_shape[1], width=32, depth=1, heads=2, in_stride=in_stride)
+    x = torch.rand(*x_shape)
     tokens = torch.randint(0, 45, (3, 16))
     logits = lm(x, tokens)
     assert logits.shape == (3, 16, 45)
     assert lm.prefix(x).shape == (3, 64, 32)  # 8x8 image tokens
+    # position j also reads the image under code cell j: changing the image there changes logit j
+    x2 = x.clone()
+    x2[..., -x_shape[-1] // 4:, -x_shape[-1] // 4:] += 1.0  # the last cell of the 4x4 code grid
+    with torch.no_grad():
+        assert not torch.allclose(lm(x2, tokens)[:, 15], logits[:, 15])
     changed = tokens.clone()
     changed[:, 7] = (changed[:, 7] + 1) % 45
     after = lm(x, changed)

@@ -60,12 +60,16 @@ class BaseUNet(nn.Module):
         self.dec1 = _block(w1, w1)
         self.head = nn.Conv2d(w1, out_channels, 3, padding=1)
 
-    def forward(self, x: Tensor, codes: Tensor, keep: Tensor) -> Tensor:
+    def encode(self, x: Tensor, codes: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The skips (h1 at S, h2 at S/2) and the bottleneck after the code (2*width, S/4, S/4)."""
         h1 = self.enc1(x)
         h2 = self.enc2(h1)
         h3 = self.enc3(h2)
         z = self.code_in(torch.cat([codes * keep[:, None], keep[:, None]], 1))
-        h = self.mid(h3 + F.interpolate(z, size=h3.shape[-2:], mode="nearest"))
+        return h1, h2, self.mid(h3 + F.interpolate(z, size=h3.shape[-2:], mode="nearest"))
+
+    def forward(self, x: Tensor, codes: Tensor, keep: Tensor) -> Tensor:
+        h1, h2, h = self.encode(x, codes, keep)
         h = self.dec2(F.interpolate(h, scale_factor=2.0, mode="nearest") + h2)
         h = self.dec1(F.interpolate(self.up1(h), scale_factor=2.0, mode="nearest") + h1)
         return self.head(h)
@@ -207,15 +211,22 @@ class StageOne(nn.Module):
     def codes(self, indices: Tensor) -> Tensor:
         return self.quantizer.indices_to_codes(indices).float()
 
+    def _no_code(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, h = x.shape[0], x.shape[-1] // 8
+        return x.new_zeros(b, self.code_dim, h, h), x.new_zeros(b, h, h)
+
     def decode(self, x: Tensor, codes: Tensor | None, keep: Tensor | None = None) -> Tensor:
         """f(x, z); codes None = no code (every token dropped)."""
         if codes is None:
-            b, h = x.shape[0], x.shape[-1] // 8
-            codes = x.new_zeros(b, self.code_dim, h, h)
-            keep = x.new_zeros(b, h, h)
+            codes, keep = self._no_code(x)
         elif keep is None:
             keep = codes.new_ones(codes.shape[0], *codes.shape[2:])
         return self.base(x, codes, keep)
+
+    def image_features(self, x: Tensor) -> Tensor:
+        """What the base model makes of x alone: its bottleneck with no code, (B, 2*width, S/4, S/4).
+        Stage II can condition the language model on these (``lm_input="features"``)."""
+        return self.base.encode(x, *self._no_code(x))[2]
 
     def forward(self, x: Tensor, y_enc: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         codes, indices = self.encode(x, y_enc)

@@ -48,7 +48,7 @@ def _signed(task, value: float) -> float:
 
 @torch.no_grad()
 def evaluate_uvim(s1_dir: str, lm_dir: str, cfg, seed: int, device, grid_path: str | None = None) -> dict:
-    from .uvim import load_lm, load_stage_one, oracle_codes
+    from .uvim import lm_input, load_lm, load_stage_one, oracle_codes
     from ..models.uvim_lm import lm_loss
 
     task = uvim_tasks.get_task(cfg.task)
@@ -58,8 +58,9 @@ def evaluate_uvim(s1_dir: str, lm_dir: str, cfg, seed: int, device, grid_path: s
     x = task.x(test, torch.arange(len(test))).to(device)
     oracle = oracle_codes(model, task, test, device)
     g = torch.Generator().manual_seed(seed + 12345)
-    predicted = torch.cat([lm.generate(x[i:i + 256], cfg.temperature, g).cpu() for i in range(0, len(test), 256)])
-    logits = torch.cat([lm(x[i:i + 256], oracle[i:i + 256].to(device)).cpu() for i in range(0, len(test), 256)])
+    lm_x = torch.cat([lm_input(cfg, model, x[i:i + 256]) for i in range(0, len(test), 256)])
+    predicted = torch.cat([lm.generate(lm_x[i:i + 256], cfg.temperature, g).cpu() for i in range(0, len(test), 256)])
+    logits = torch.cat([lm(lm_x[i:i + 256], oracle[i:i + 256].to(device)).cpu() for i in range(0, len(test), 256)])
     ce, acc = lm_loss(logits, oracle)
     codes = {"none": None, "oracle": oracle, "predicted": predicted, "shuffled": oracle.roll(-1, 0)}
     preds = {k: _outputs(model, task, x, c) for k, c in codes.items()}

@@ -181,7 +181,8 @@ def write_markdown(results: list[dict], preset: str, wall: float, path: str, ove
         lines.append("")
     lines += ["## The issue's claims, checked", ""] + claims(results)
     lines += ["", "Quantizers: " + "; ".join(f"`{k}` = {v}" for k, v in QUANTIZER_LABELS.items()) + ".",
-              f"Sampling temperature of the language model: {results[0]['lm']['temperature']}. "
+              "Language-model decoding (temperature; 0 = greedy): " + ", ".join(
+                  f"{t} {T}" for t, T in dict.fromkeys((m["task"], m["lm"]["temperature"]) for m in results)) + ". "
               f"Held-out images per model: {results[0]['num_test_images']}. "
               f"Time per model (both stages and the evaluation, as measured when it was trained), summed: "
               f"{sum(m['seconds'] for m in results):.0f} s; wall time of this call: {wall:.0f} s.", ""]
