@@ -35,8 +35,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # T4, A100, A10/RTX 30xx, L4/RTX 40xx, H100/H200, B200, RTX 50xx; + PTX of sm_120 for newer GPUs
 RELEASE_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
-SOURCES = ["csrc/fsq_ops.cpp", "csrc/fsq_cpu.cpp", "csrc/fsq_cpu_residual.cpp", "csrc/fsq_dither.cpp",
-           "csrc/fsq_usage.cpp"]
+SOURCES = ["csrc/fsq_ops.cpp", "csrc/fsq_cpu.cpp", "csrc/fsq_cpu_residual.cpp", "csrc/fsq_usage.cpp"]
 CUDA_SOURCES = ["csrc/fsq_cuda.cu"]
 
 NO_TORCH = """

@@ -24,7 +24,7 @@ constexpr int32_t kNone = 0, kPeer = 1, kTaae = 2;
 // What a "taae" batch element outputs (its masks)
 constexpr int32_t kNoisy = 0, kUnquantized = 1, kQuantized = 2;
 
-// The kernels' runtime dither fields (filled by fsq_dither_args.h).
+// The kernels' runtime dither fields (filled by fsq_train_args.h).
 struct Params {
   int32_t mode;
   float p;
@@ -53,7 +53,8 @@ FSQ_HD int32_t taae_branch(uint64_t key, uint64_t offset, int64_t tok, const Par
   return philox::uniform(w.w[2]) < a.p ? kUnquantized : kQuantized;
 }
 
-FSQ_HD float noise_of(uint32_t w0) { return philox::uniform(w0) - 0.5f; }
+// u0 - 1/2, a rounded subtraction (nvcc would otherwise fuse uniform()'s multiply into an FMA)
+FSQ_HD float noise_of(uint32_t w0) { return sub_rn(philox::uniform(w0), 0.5f); }
 
 // "peer": clamp(code + noise, -1, 1) where u1 < p, else code (code already in the output dtype).
 template <typename T>
@@ -78,54 +79,6 @@ FSQ_HD T taae_value(int32_t branch, T code, T z, uint32_t w0, float step) {
   const T t = tanh_sel(z);
   if (branch == kUnquantized) return t;
   return t + static_cast<T>(mul_rn(noise_of(w0), step));  // one float32 multiply, as the reference
-}
-
-
-// ---------------------------------------------------------------------------------------------
-// The standalone fsq::dither / fsq::dither_backward ops (fsq_dither.cpp, fsq_dither_cuda.inc),
-// kept until the op layer calls the fused ops; removed with them.
-// ---------------------------------------------------------------------------------------------
-constexpr int kMaxSteps = 64;
-
-struct Args {
-  int64_t per_batch;  // elements per batch element (index along dim 0)
-  int64_t inner;      // elements between two channels of the channel axis
-  int64_t channels;   // size of the channel axis
-  int d;              // channels per codebook (entries of step)
-  int mode;           // kPeer or kTaae
-  float p;
-  float step[kMaxSteps];
-};
-
-FSQ_PHILOX_HD float step_of(int64_t i, const Args& a) {
-  return a.step[((i / a.inner) % a.channels) % a.d];
-}
-
-FSQ_PHILOX_HD int32_t legacy_branch(uint64_t key, uint64_t offset, int64_t i, const Args& a) {
-  const philox::Words w = words(key, offset, (i / a.per_batch) * a.per_batch);
-  if (!(philox::uniform(w.w[3]) < a.p)) return kNoisy;
-  return philox::uniform(w.w[2]) < a.p ? kUnquantized : kQuantized;
-}
-
-template <typename acc_t>
-FSQ_PHILOX_HD acc_t forward(uint64_t key, uint64_t offset, int64_t i, acc_t code, acc_t z, const Args& a) {
-  const philox::Words w = words(key, offset, i);
-  if (a.mode == kPeer) return peer_value<acc_t>(code, w, a.p);
-  return taae_value<acc_t>(legacy_branch(key, offset, i, a), code, z, w.w[0], step_of(i, a));
-}
-
-// (dout/dcode, dout/dz) of element i, times grad.
-template <typename acc_t>
-FSQ_PHILOX_HD void backward(uint64_t key, uint64_t offset, int64_t i, acc_t grad, acc_t code, acc_t z,
-                            const Args& a, acc_t* grad_code, acc_t* grad_z) {
-  if (a.mode == kPeer) {
-    *grad_code = peer_passes<acc_t>(code, words(key, offset, i), a.p) ? grad : acc_t(0);
-    *grad_z = acc_t(0);
-    return;
-  }
-  const bool quantized = legacy_branch(key, offset, i, a) == kQuantized;
-  *grad_code = quantized ? grad : acc_t(0);
-  *grad_z = quantized ? acc_t(0) : grad * ::fsq::sech2<acc_t>(z);
 }
 
 }  // namespace dither

@@ -26,7 +26,27 @@ inline void check_args(const at::Tensor& indices, const at::Tensor& counts) {
                     indices.sizes());
 }
 
-#if !defined(__CUDACC__)
+#if defined(__CUDACC__)
+// Device side of the CUDA histograms (accumulate_usage_kernel in fsq_usage_cuda.inc, the fused
+// forward in fsq_cuda.cu): while G*K <= kUsageSharedBins a block counts into a shared-memory
+// int32 table, then adds each non-zero bin to counts with one 64-bit atomic; larger histograms
+// count in global memory directly.
+constexpr int64_t kUsageSharedBins = 8192;  // 32 KiB of int32 per block
+
+__device__ __forceinline__ void usage_table_zero(unsigned int* table, int64_t bins) {
+  for (int64_t b = threadIdx.x; b < bins; b += blockDim.x) table[b] = 0u;
+}
+__device__ __forceinline__ void usage_count(unsigned int* table, unsigned long long* counts,
+                                            bool shared, int64_t bin) {
+  if (shared) atomicAdd(&table[bin], 1u);
+  else atomicAdd(&counts[bin], 1ull);
+}
+__device__ __forceinline__ void usage_table_flush(const unsigned int* table,
+                                                  unsigned long long* counts, int64_t bins) {
+  for (int64_t b = threadIdx.x; b < bins; b += blockDim.x)
+    if (table[b] != 0u) atomicAdd(&counts[b], static_cast<unsigned long long>(table[b]));
+}
+#else
 // A histogram counted by the threads of at::parallel_for: per-thread tables, merged into counts
 // by merge(), while bins <= kMaxLocalBins; beyond, relaxed atomic increments on counts itself.
 class CpuHistogram {

@@ -485,8 +485,8 @@ def test_cuda_rows_are_read_with_vector_loads(arch):
         return int(re.search(rf"constexpr int {name} = (\d+);", open(os.path.join(ROOT, "csrc", path)).read()).group(1))
 
     per_item = constant("fsq_math.h", "kMaxChannels") * 2 // 8
-    for kernel, items, operands in (("fsq_forward_kernel", constant("fsq_cuda.cu", "kForwardItems"), 1),
-                                    ("fsq_backward_kernel", constant("fsq_cuda.cu", "kBackwardItems"), 2)):
+    for kernel, items, operands in (("fsq_forward_kernel", constant("fsq_cuda_rows.cuh", "kForwardItems"), 1),
+                                    ("fsq_backward_kernel", constant("fsq_cuda_rows.cuh", "kBackwardItems"), 2)):
         assert items >= 2, (kernel, items)
         body = next(b for name, b in functions.items() if kernel + "IN3c108BFloat16EE" in name)
         assert body.count("LDG.E.64") >= items * operands * per_item, (kernel, body.count("LDG.E.64"))
@@ -661,3 +661,33 @@ def test_quantize_train_errors_name_the_argument():
     with pytest.raises(ValueError, match="fsq.quantize_backward: dither_mode must be"):
         torch.ops.fsq.quantize_backward(z, *_train_args(z, levels, False, 1, 2, 0.5, key_offset, True)[:7],
                                         key_offset, 5, 0.5, [])
+
+
+@cuda_only
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["none", "peer", "taae"])
+@pytest.mark.parametrize("case", CUDA_CASES[:5], ids=lambda c: f"{c[0]}-{c[2]}-{c[3]}")
+def test_cuda_quantize_train_matches_cpu(case, mode):
+    """The CUDA forward draws the CPU forward's noise bit for bit (peer; taae up to the tanh of its
+    unquantized branches); indices and usage are identical; the dithered backward agrees to float32
+    rounding. The usage histogram takes the shared-memory path (up to 8192 bins: [8,5,5,5] x 2,
+    (300, 7) x 2) and the global one ((8,8,8,6,5,5,5,5): 1920000 bins)."""
+    levels, num_codebooks, layout, dtype = case
+    z, channel_first = make_z(layout, 1003, len(levels) * num_codebooks, dtype, seed=6, scale=2.0)
+    inject_specials(z, levels, "symmetric", False, channel_first)
+    key_offset = torch.tensor([0x1234_5678_9ABC, -5], dtype=torch.int64)
+    args = _train_args(z, levels, channel_first, num_codebooks, mode, 0.4, key_offset, True)
+    args_c = (on_device(z, "cuda"), *args[1:7], args[7].cuda() if mode else None, *args[8:])
+    codes, indices, usage = torch.ops.fsq.quantize_train(*args)
+    codes_c, indices_c, usage_c = torch.ops.fsq.quantize_train(*args_c)
+    assert torch.equal(indices_c.cpu(), indices) and torch.equal(usage_c.cpu(), usage)
+    if mode == 2:
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(codes_c.cpu(), codes, rtol=4 * eps, atol=4 * eps, equal_nan=True)
+    else:
+        assert torch.equal(codes_c.cpu().nan_to_num(9.0), codes.nan_to_num(9.0))
+    g = torch.randn(z.shape).to(dtype)
+    gz = torch.ops.fsq.quantize_backward(g, *args[:11])
+    gz_c = torch.ops.fsq.quantize_backward(g.cuda(), *args_c[:11])
+    torch.testing.assert_close(gz_c.cpu(), gz, equal_nan=True, rtol=1e-5 if dtype == torch.float32 else None,
+                               atol=1e-7 if dtype == torch.float32 else None)
+    assert torch.equal(gz_c.cpu() == 0, gz == 0)
