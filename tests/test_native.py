@@ -691,3 +691,18 @@ def test_cuda_quantize_train_matches_cpu(case, mode):
     torch.testing.assert_close(gz_c.cpu(), gz, equal_nan=True, rtol=1e-5 if dtype == torch.float32 else None,
                                atol=1e-7 if dtype == torch.float32 else None)
     assert torch.equal(gz_c.cpu() == 0, gz == 0)
+
+
+@pytest.mark.parametrize("case", [(torch.float32, "cl3d", 2, 1), (torch.bfloat16, "cf4d", 1, 2),
+                                  (torch.float64, "cl_strided", 1, 0)], ids=lambda c: f"{c[0]}-{c[1]}-mode{c[3]}")
+def test_quantize_train_opcheck(case):
+    """Fake implementation, autograd registration and schema of the fused training ops agree with
+    the CPU kernels (torch.library.opcheck)."""
+    dtype, layout, num_codebooks, mode = case
+    levels = (8, 5, 5, 5)
+    z, channel_first = make_z(layout, 5, len(levels) * num_codebooks, dtype, seed=2)
+    z.requires_grad_(True)
+    args = _train_args(z, levels, channel_first, num_codebooks, mode, 0.5, torch.tensor([3, 4]), True)
+    torch.library.opcheck(torch.ops.fsq.quantize_train.default, args)
+    g = torch.randn(z.shape).to(dtype)
+    torch.library.opcheck(torch.ops.fsq.quantize_backward.default, (g, z.detach(), *args[1:11]))
