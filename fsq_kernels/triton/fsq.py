@@ -36,7 +36,9 @@ Design (see docs/design.md for the math contract):
   dither to the code it stores (docs/dither.md; helpers in dither.py), its Philox counter the
   element's row-major position in z's logical shape, an extra strides-only operand of the
   geometry, so the noise is independent of layout and launch; it writes the noiseless indices
-  and atomically adds each (token, codebook) to a zeroed (num_codebooks, prod(L)) histogram.
+  and adds each (token, codebook) to a zeroed (num_codebooks, prod(L)) histogram (usage.py's
+  `_count_usage`: a block histogram with one atomic per non-zero bin, or per-index atomics beyond
+  its limit).
   The backward regenerates the words and applies the dither's mask.
 * Launchers read shapes and strides only (never tensor values): no host-device sync.
 """
@@ -72,6 +74,7 @@ from .common import (  # noqa: F401  (PAPER..VARIANTS, CMP_MAX_LEVELS: re-export
     z_units,
 )
 from .dither import DitherArgs, _dither, _dither_grad, per_batch_element
+from .usage import _count_usage, histogram_bins
 
 
 @triton.jit
@@ -89,6 +92,7 @@ def _fsq_fwd_kernel(
     VARIANT: tl.constexpr, HARD_CLAMP: tl.constexpr, USE_CMP: tl.constexpr,
     WRITE_INDEX: tl.constexpr, INDEX_64: tl.constexpr,
     DITHER: tl.constexpr, STEPS: tl.constexpr, USAGE: tl.constexpr, NUM_CODES: tl.constexpr, NCB: tl.constexpr,
+    HIST_BINS: tl.constexpr,
     Z_IN_ONE: tl.constexpr, Z_IN_CONST: tl.constexpr, Z_C_ONE: tl.constexpr,
     C_IN_ONE: tl.constexpr, C_IN_CONST: tl.constexpr, C_C_ONE: tl.constexpr,
     I_IN_ONE: tl.constexpr, P_IN_ONE: tl.constexpr, P_IN_CONST: tl.constexpr, P_C_ONE: tl.constexpr,
@@ -134,7 +138,7 @@ def _fsq_fwd_kernel(
         tl.store(idx_ptr + i_unit, idx.to(IDT), mask=row_ok)
         if USAGE:  # the histogram, (NCB, NUM_CODES); the index tensor is contiguous: slot = unit % NCB
             bins = (i_unit % NCB).to(tl.int64) * NUM_CODES + idx.to(tl.int64)
-            tl.atomic_add(usage_ptr + bins, tl.full([BLOCK], 1, tl.int64), mask=row_ok & (idx >= 0), sem="relaxed")
+            _count_usage(usage_ptr, bins, row_ok & (idx >= 0), HIST_BINS)  # block histogram or per-index atomics
 
 
 @triton.jit
@@ -297,7 +301,7 @@ def fsq_forward(z: torch.Tensor, cst: dict, variant: int, hard_clamp: bool, chan
             VARIANT=variant, HARD_CLAMP=bool(hard_clamp), USE_CMP=cst["USE_CMP"],
             WRITE_INDEX=bool(return_indices), INDEX_64=cst["INDEX_64"],
             STEPS=() if dither is None else tuple(dither.steps), USAGE=usage is not None,
-            NUM_CODES=cst["NUM_CODES"], NCB=ncb,
+            NUM_CODES=cst["NUM_CODES"], NCB=ncb, HIST_BINS=0 if usage is None else histogram_bins(usage.numel()),
             Z_IN_ONE=geo.flags[0][0], Z_IN_CONST=geo.flags[0][1], Z_C_ONE=geo.flags[0][2],
             C_IN_ONE=geo.flags[1][0], C_IN_CONST=geo.flags[1][1], C_C_ONE=geo.flags[1][2],
             I_IN_ONE=geo.flags[2][0],
