@@ -24,7 +24,7 @@ case "${1:-}" in
 esac
 WORKERS="${WORKERS:-8}"
 GPU_TESTS="tests/test_triton.py tests/test_triton_residual.py tests/test_native.py tests/test_native_residual.py \
-tests/test_api.py tests/test_residual.py tests/test_nn.py tests/test_cli.py"
+tests/test_api.py tests/test_residual.py tests/test_nn.py tests/test_cli.py tests/test_dither.py tests/test_usage.py"
 CHECKS="scripts/gpu_session_checks.py"
 
 # name | seconds | output file (under $OUT) | command
