@@ -3,7 +3,9 @@
 Through the public API only, under the matching rule of fsq_kernels.matching (the one the test
 suite uses): quantize over every variant and hard_clamp, fp32/bf16/fp16, channel-last,
 channel-first and strided views built on the device, one and two codebooks; the straight-through
-gradient against the float64 reference's; decode of contiguous and permuted indices of several
+gradient against the float64 reference's; the training forward (quantize_train: "peer" and
+"taae" dither and the usage histogram inside the quantize kernel, and its gradient) against the
+reference's for one Philox key and offset; decode of contiguous and permuted indices of several
 integer dtypes; fused residual FSQ; empty tensors. `--quick` is a subset that runs in seconds on
 a CPU.
 """
@@ -39,7 +41,7 @@ QUICK_LEVELS = ((8, 5, 5, 5),)
 FULL_LEVELS = ((8, 5, 5, 5), (8, 6, 5), (7, 5, 5, 5, 5), (8, 8, 8, 5, 5, 5), (2, 3, 4), (3, 3, 2, 5), (300, 7))
 INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 _BACKEND_ORDER = ("reference", "cpp", "cuda", "triton")
-_GROUP_ORDER = ("quantize+grad", "quantize", "decode", "residual", "empty")
+_GROUP_ORDER = ("quantize+grad", "quantize", "train+grad", "decode", "residual", "empty")
 
 
 @dataclasses.dataclass
@@ -100,6 +102,38 @@ def _quantize_case(backend, levels, variant, hard_clamp, dtype, layout, num_code
             (want,) = torch.autograd.grad(want_codes, z64, g.cpu().to(torch.float64))
             err = assert_grad_close(got, want)
         return diffs, err
+
+    return body
+
+
+def _train_case(backend, mode, dtype, layout, device, gen, tokens):
+    """quantize_train (noise and histogram inside the quantize kernel) against the reference
+    backend's with the same Philox key and offset: indices and histogram equal, peer codes bit
+    for bit, taae codes within float rounding (tanh differs by ulps), gradients within tolerance."""
+    levels = (8, 5, 5, 5)
+    z, channel_first = _input(levels, 1, layout, dtype, device, gen, tokens)
+    key_offset = torch.tensor([int(torch.randint(0, 2**31, (1,), generator=gen)), 12345], dtype=torch.int64)
+    kw = dict(variant="symmetric", channel_first=channel_first, dither=mode, dither_p=0.5, return_usage=True)
+
+    def run(x, on, ko):
+        x = x.detach().requires_grad_(True)
+        codes, indices, usage = fsq_kernels.quantize_train(x, levels, key_offset=ko, backend=on, **kw)
+        g = torch.linspace(-1.0, 1.0, x.numel(), dtype=torch.float64).reshape(x.shape).to(dtype).to(x.device)
+        (grad,) = torch.autograd.grad(codes, x, g)
+        return codes.detach().cpu(), indices.cpu(), usage.cpu(), grad.cpu()
+
+    def body():
+        got = run(z, backend, key_offset.to(device))
+        want = run(z.cpu(), "reference", key_offset)
+        if not (torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])):
+            raise MismatchError(f"{mode}: indices or usage histogram differ from the reference")
+        if mode == "peer":
+            if not torch.equal(got[0].nan_to_num(7.0), want[0].nan_to_num(7.0)):
+                raise MismatchError("peer: dithered codes differ from the reference bit for bit")
+        else:
+            tol = 1e-5 if dtype == torch.float32 else 2**-7
+            torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol, equal_nan=True)
+        return 0, assert_grad_close(got[3], want[3])
 
     return body
 
@@ -171,6 +205,13 @@ def _quantize_cases(backend, level_sets, quick, device, gen, tokens):
     yield "empty", "(0, 4) and (2, 4, 0, 3)", _empty_case(backend, device)
 
 
+def _train_cases(backend, quick, device, gen, tokens):
+    layouts = LAYOUTS[:2] if quick else LAYOUTS
+    for mode, dtype, layout in itertools.product(("peer", "taae"), DTYPES[:1] if quick else DTYPES, layouts):
+        yield "train+grad", f"[8, 5, 5, 5] {mode} {_short(dtype)} {layout}", _train_case(backend, mode, dtype, layout, device,
+                                                                                   gen, tokens)
+
+
 def _decode_cases(backend, quick, device, gen):
     if quick:  # each index dtype once, with a codebook it can hold
         pairs = [((8, 5, 5, 5), t) for t in INDEX_DTYPES[:3]] + [((2, 3, 4), t) for t in INDEX_DTYPES[3:]]
@@ -207,6 +248,7 @@ def run_check(device: str = "cpu", quick: bool = False, seed: int = 0, backends:
     outcomes: list[Outcome] = []
     for op, make_cases in (
         ("quantize", lambda b: _quantize_cases(b, QUICK_LEVELS if quick else FULL_LEVELS, quick, device, gen, tokens)),
+        ("quantize_train", lambda b: _train_cases(b, quick, device, gen, tokens)),
         ("indices_to_codes", lambda b: _decode_cases(b, quick, device, gen)),
         ("residual_quantize", lambda b: _residual_cases(b, quick, device, gen, tokens)),
     ):
@@ -242,7 +284,7 @@ def format_table(outcomes: list[Outcome], device: str, seconds: float) -> str:
     header = f"{'backend':<10} {'check':<14} {'cases':>6} {'failed':>7} {'in-window diffs':>16} {'max grad err':>13}"
     lines = [f"check on {device}: {len(outcomes)} cases in {seconds:.1f} s", header, "-" * len(header)]
     for r in rows:
-        grad = f"{r['max_grad_err']:.2e}" if r["group"] == "quantize+grad" else "-"
+        grad = f"{r['max_grad_err']:.2e}" if r["group"].endswith("+grad") else "-"
         lines.append(f"{r['backend']:<10} {r['group']:<14} {r['cases']:>6} {r['failed']:>7} {r['window_diffs']:>16} {grad:>13}")
     failures = [o for o in outcomes if not o.ok]
     for o in failures[:20]:
