@@ -67,12 +67,6 @@ def _scan() -> tuple[dict, dict]:
 _MODULES, _RUNS = _scan()
 
 
-def refresh() -> None:
-    """Re-read what each backend can do (tests that fake an environment call this)."""
-    global _MODULES, _RUNS
-    _MODULES, _RUNS = _scan()
-
-
 def module(name: str) -> types.ModuleType:
     return _MODULES[name]
 
